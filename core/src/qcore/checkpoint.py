@@ -1,0 +1,264 @@
+"""Reading checkpoints safely: safetensors headers, shard indexes and streaming tensors.
+
+Used before phase 1 (``validate`` sees the checkpoint's keys and shapes from headers alone) and during phase 4
+(``load_weight`` receives the tensors this reader streams, shard by shard). Every header is parsed and checked by
+hand before safetensors touches the file, so a malformed or hostile file gives a :class:`CheckpointError` naming the
+file and tensor, never a crash or a read outside the file. Nothing here unpickles; pickle checkpoints are refused
+unless the caller opts in, and then go through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from qcore.errors import CheckpointError
+
+__all__ = ["CheckpointReader", "TensorInfo", "read_header"]
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
+
+#: safetensors dtype -> bytes per element (the format's own table).
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+#: safetensors caps the header at 100 MB; a larger claim is a corrupt or hostile file.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as its header describes it."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check a safetensors header: tensor infos and the ``__metadata__`` dict.
+
+    :raises CheckpointError: truncated file, header length past the end, header not JSON, unknown dtype, offsets
+        out of range, overlapping, or not matching dtype x shape.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError("truncated: shorter than the 8-byte header length", file=str(path))
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise CheckpointError(
+                    f"header length {header_len} runs past the end of the {size}-byte file; the file is truncated "
+                    f"or not safetensors: download it again",
+                    file=str(path),
+                )
+            raw = handle.read(header_len)
+    except OSError as error:
+        raise CheckpointError(f"cannot read: {error}", file=str(path)) from error
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"header is not valid JSON ({error}); the file is corrupt", file=str(path)) from None
+    if not isinstance(header, dict):
+        raise CheckpointError("header is not a JSON object; the file is corrupt", file=str(path))
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError("__metadata__ must map strings to strings", file=str(path))
+    data_len = size - 8 - header_len
+    infos, spans = {}, []
+    for name, entry in header.items():
+        infos[name] = _tensor_info(path, name, entry, data_len)
+        begin, end = entry["data_offsets"]
+        if end > begin:
+            spans.append((begin, end, name))
+    spans.sort()
+    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise CheckpointError(f"overlaps tensor {name_a!r}; the file is corrupt", file=str(path), tensor=name_b)
+    return infos, metadata
+
+
+def _tensor_info(path: Path, name: str, entry: Any, data_len: int) -> TensorInfo:
+    def fail(message: str) -> CheckpointError:
+        return CheckpointError(f"{message}; the file is corrupt or was written by a broken tool", file=str(path), tensor=name)
+
+    if not isinstance(entry, dict):
+        raise fail("header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise fail(f"unknown dtype {dtype!r} (known: {', '.join(DTYPE_SIZES)})")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise fail(f"shape {shape!r} is not a list of non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise fail(f"data_offsets {offsets!r} is not a pair of integers")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_len:
+        raise fail(f"data_offsets {offsets} out of range of the {data_len}-byte data section")
+    info = TensorInfo(name, path, dtype, tuple(shape))
+    if end - begin != info.nbytes:
+        raise fail(f"data_offsets span {end - begin} bytes but {dtype} x {shape} needs {info.nbytes}")
+    return info
+
+
+class CheckpointReader:
+    """The weight files of one checkpoint directory, checked from their headers, streamed shard by shard."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, allow_pickle: bool = False):
+        self.directory = Path(directory)
+        self.allow_pickle = allow_pickle
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        self.files = self._weight_files()
+        if self.files and self.files[0].suffix == ".safetensors":
+            self._read_headers()
+
+    # -- files -----------------------------------------------------------------------------------------
+
+    def _weight_files(self) -> list[Path]:
+        index = self.directory / SAFE_INDEX_NAME
+        if index.is_file():
+            return self._shards_from_index(index)
+        single = self.directory / SAFE_WEIGHTS_NAME
+        if single.is_file():
+            return [self._inside(SAFE_WEIGHTS_NAME, index)]
+        pickled = [self.directory / name for name in PICKLE_NAMES if (self.directory / name).is_file()]
+        if pickled:
+            if not self.allow_pickle:
+                raise CheckpointError(
+                    "only pickle weights found; qcore refuses pickle by default because unpickling a file from a "
+                    "stranger can run arbitrary code. Convert it to safetensors, or pass allow_pickle=True to load "
+                    "it with torch.load(weights_only=True)",
+                    file=str(pickled[0]),
+                )
+            return pickled
+        raise CheckpointError(
+            f"no weights found (looked for {SAFE_WEIGHTS_NAME}, {SAFE_INDEX_NAME} and {', '.join(PICKLE_NAMES)})",
+            file=str(self.directory),
+        )
+
+    def _shards_from_index(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"not a valid shard index ({error})", file=str(index)) from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError("weight_map must map tensor names to shard file names", file=str(index))
+        self.weight_map = weight_map
+        return [self._inside(name, index) for name in dict.fromkeys(weight_map.values())]
+
+    def _inside(self, name: str, index: Path) -> Path:
+        """The path of shard ``name``, refusing any name that leaves the checkpoint directory."""
+        if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
+            raise CheckpointError(
+                f"shard name {name!r} points outside the checkpoint directory (path traversal); refusing to read it",
+                file=str(index),
+            )
+        path = self.directory / name
+        root = self.directory.resolve()
+        if not path.resolve().is_relative_to(root):
+            raise CheckpointError(
+                f"shard {name!r} is a symlink leaving the checkpoint directory (to {path.resolve()}); refusing it",
+                file=str(index),
+            )
+        if not path.is_file():
+            raise CheckpointError(f"shard {name!r} listed in the index is missing; download it again", file=str(path))
+        return path
+
+    def _read_headers(self) -> None:
+        for file in self.files:
+            infos, metadata = read_header(file)
+            for name, info in infos.items():
+                if name in self.tensors:
+                    raise CheckpointError(
+                        f"tensor appears in two shards ({self.tensors[name].file.name} and {file.name})",
+                        file=str(file),
+                        tensor=name,
+                    )
+                self.tensors[name] = info
+            self.metadata.update(metadata)
+        for name, shard in getattr(self, "weight_map", {}).items():
+            info = self.tensors.get(name)
+            if info is None or info.file.name != Path(shard).name:
+                raise CheckpointError(
+                    f"the index maps this tensor to {shard!r}, which does not hold it; the index is stale or corrupt",
+                    file=str(self.directory / SAFE_INDEX_NAME),
+                    tensor=name,
+                )
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    @property
+    def is_pickle(self) -> bool:
+        return self.files[0].suffix != ".safetensors"
+
+    def total_nbytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    def largest_nbytes(self) -> int:
+        return max((info.nbytes for info in self.tensors.values()), default=0)
+
+    def stream(self, names: set[str] | None = None) -> Iterator[tuple[str, Any]]:
+        """Yield ``(name, tensor)`` for every tensor (or those in ``names``), one shard open at a time.
+
+        Tensors come out on the CPU in their stored dtype, read lazily from a memory map, so only the tensor being
+        handled is resident.
+        """
+        if self.is_pickle:
+            yield from self._stream_pickle(names)
+            return
+        from safetensors import safe_open
+
+        for file in self.files:
+            with safe_open(file, framework="pt", device="cpu") as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    if names is None or name in names:
+                        yield name, handle.get_tensor(name)
+
+    def _stream_pickle(self, names: set[str] | None) -> Iterator[tuple[str, Any]]:
+        import torch
+
+        for file in self.files:
+            if file.name.endswith(".json"):
+                raise CheckpointError("sharded pickle checkpoints are not supported; convert to safetensors", file=str(file))
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            for name, tensor in state.items():
+                self.tensors.setdefault(
+                    name, TensorInfo(name, file, _SAFETENSORS_DTYPE[str(tensor.dtype)], tuple(tensor.shape))
+                )
+                if names is None or name in names:
+                    yield name, tensor
+
+    def load_pickle_infos(self) -> None:
+        """Fill :attr:`tensors` for a pickle checkpoint (needs one pass over the file)."""
+        if self.is_pickle and not self.tensors:
+            for _ in self._stream_pickle(set()):
+                pass
+
+
+_SAFETENSORS_DTYPE = {
+    "torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16",
+    "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8", "torch.uint8": "U8",
+    "torch.bool": "BOOL", "torch.float8_e4m3fn": "F8_E4M3", "torch.float8_e5m2": "F8_E5M2",
+}  # fmt: skip

@@ -1,0 +1,103 @@
+"""The :class:`LoadContext` every phase hook receives: what is being loaded, where, and with which modules.
+
+The loader makes one context per (backend, config) it runs, sharing the load-wide state, so each backend's
+``context.modules`` lists only the modules it owns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qcore.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
+
+    from qcore.checkpoint import CheckpointReader
+
+__all__ = ["LoadContext"]
+
+
+@dataclasses.dataclass
+class LoadContext:
+    """What one backend sees of a load."""
+
+    #: The local checkpoint directory (a hub id is resolved to its snapshot directory first).
+    source: Path
+    #: The model's transformers config (config.json).
+    model_config: PretrainedConfig
+    #: True when the checkpoint already holds quantized tensors (config.json carries ``quantization_config``).
+    pre_quantized: bool
+    #: The dtype of the model's floating-point weights that stay in full precision.
+    dtype: torch.dtype
+    #: accelerate-style device map: module-name prefix -> device; ``""`` is the whole model.
+    device_map: dict[str, Any]
+    #: The checkpoint's tensors (names, dtypes, shapes), read from headers only.
+    checkpoint: CheckpointReader
+    #: The modules this backend owns (names in the model), in model order.
+    modules: tuple[str, ...] = ()
+    #: Kernels chosen in ``optimize_runtime``: backend name -> kernel name; shared by every backend of the load.
+    kernels: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: The backend this context was made for.
+    backend_name: str = ""
+    #: Checkpoint key -> model key renames applied (prefix added or removed), shared by the load.
+    _pending: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, repr=False)
+    _module_keys: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=dict, repr=False)
+
+    def for_backend(self, backend_name: str, modules: tuple[str, ...], module_keys: Mapping[str, frozenset[str]]):
+        """A context for one backend, sharing this load's state."""
+        return dataclasses.replace(
+            self, backend_name=backend_name, modules=modules, _pending={}, _module_keys=module_keys
+        )
+
+    def device_for(self, module_name: str) -> torch.device:
+        """The device a module's tensors must end on, from the (final) device map."""
+        import torch
+
+        best, device = -1, "cpu"
+        for prefix, target in self.device_map.items():
+            if prefix == "" or module_name == prefix or module_name.startswith(prefix + "."):
+                if len(prefix) > best:
+                    best, device = len(prefix), target
+        if device == "disk":
+            device = "cpu"
+        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+
+    def tensor_names(self, module_name: str) -> frozenset[str]:
+        """Names (relative to the module) of every checkpoint tensor that belongs to ``module_name``."""
+        return self._module_keys.get(module_name, frozenset())
+
+    def gather(
+        self, module_name: str, tensor_name: str, tensor: Any, *, exclude: tuple[str, ...] = ("bias",)
+    ) -> dict[str, Any] | None:
+        """Collect a module's checkpoint tensors; return them all (name -> tensor) once the last one arrives.
+
+        For backends whose stored form spans several tensors (a weight and its statistics): call it from
+        ``load_weight`` with each tensor, return ``{}`` while it returns ``None``, and build the module's weight from
+        the dict it finally returns. Tensors named in ``exclude`` are not waited for (by default the bias, which a
+        backend usually lets the core place).
+        """
+        pending = self._pending.setdefault(module_name, {})
+        pending[tensor_name] = tensor
+        expected = self.tensor_names(module_name) - set(exclude)
+        if expected and not expected <= pending.keys():
+            return None
+        return self._pending.pop(module_name)
+
+    def check_gathered(self) -> None:
+        """Raise :class:`CheckpointError` for any module whose tensors never all arrived."""
+        for module_name, pending in self._pending.items():
+            missing = sorted(self.tensor_names(module_name) - pending.keys())
+            raise CheckpointError(
+                f"module {module_name!r} is missing {missing} (has {sorted(pending)}); the checkpoint is incomplete",
+                file=str(self.source),
+                tensor=f"{module_name}.{missing[0]}" if missing else module_name,
+            )
+
+    def report_kernel(self, kernel: str) -> None:
+        """Record the kernel this backend chose in ``optimize_runtime`` (shown as ``model.qcore_kernels``)."""
+        self.kernels[self.backend_name] = kernel
