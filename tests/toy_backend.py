@@ -97,8 +97,13 @@ class ToyPlugin:
         dtype = getattr(torch, config.compute_dtype) if config.compute_dtype else None
         for name in context.modules:
             old = model.get_submodule(name)
+            # GPT-2's Conv1D stores its weight transposed (in, out); the toy stores (out, in) like nn.Linear.
+            transposed = type(old).__name__ == "Conv1D"
+            out_features, in_features = old.weight.shape[::-1] if transposed else old.weight.shape
             with torch.device("meta"):
-                model.set_submodule(name, ToyLinear(old.in_features, old.out_features, old.bias is not None, dtype))
+                new = ToyLinear(in_features, out_features, old.bias is not None, dtype)
+            new.transposed = transposed
+            model.set_submodule(name, new)
 
     @hookimpl
     def load_weight(self, config, context, model, module_name, tensor_name, tensor):
@@ -109,6 +114,8 @@ class ToyPlugin:
             if gathered is None:
                 return {}
             return {"weight": gathered["weight"], "weight_scale": gathered["weight_scale"].to(torch_float32())}
+        if model.get_submodule(module_name).transposed:
+            tensor = tensor.T
         q, scale = quantize(tensor.to(context.dtype))
         return {"weight": q, "weight_scale": scale}
 

@@ -526,34 +526,21 @@ def _load_generation_config(model, source: Path) -> None:
 # -- calling hooks -------------------------------------------------------------------------------------------
 
 
-_callers: dict[tuple[str, str, int], Any] = {}
-
-
 def _run(phase: str, registered, where: str | None, **kwargs: Any) -> Any:
     """Call ``phase`` on one backend (observers still see it) and turn its failures into :class:`PluginError`."""
-    manager = plugins.plugin_manager()
-    cache_key = (phase, registered.plugin_name, id(manager))
-    caller = _callers.get(cache_key)
-    if caller is None:
-        others = [
-            r.plugin for r in plugins._get().registered.values() if r.backend is not None and r is not registered
-        ]
-        caller = _callers[cache_key] = manager.subset_hook_caller(phase, remove_plugins=others)
     try:
-        return caller(**kwargs)
+        return plugins.phase_caller(phase, registered.plugin_name)(**kwargs)
     except QcoreError:
         raise
     except Exception as error:
-        module = where or (", ".join(kwargs["context"].modules[:3]) if kwargs.get("context") and kwargs["context"].modules else None)
+        context = kwargs.get("context")
+        module = where or (", ".join(context.modules[:3]) if context is not None and context.modules else None)
         raise PluginError(_culprit(error, registered), phase, module, error) from error
 
 
 def _culprit(error: BaseException, registered) -> str:
     """The plugin whose code raised: the innermost traceback frame inside a registered plugin's package."""
-    packages = {}
-    for r in plugins._get().registered.values():
-        name = getattr(r.plugin, "__name__", None) or type(r.plugin).__module__
-        packages[name.split(".")[0]] = r.distribution
+    packages = plugins.plugin_packages()
     culprit = registered.distribution
     tb = error.__traceback__
     while tb is not None:

@@ -53,8 +53,19 @@ class _Registry:
     broken: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     #: quant_method -> every plugin name that claims it, winner first.
     claims: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    #: (phase, plugin name) -> hook caller restricted to that backend (observers included); rebuilt on any change.
+    callers: dict[tuple[str, str], Any] = dataclasses.field(default_factory=dict)
+
+    def caller(self, phase: str, plugin_name: str) -> Any:
+        """Call ``phase`` on one backend only: every other backend is left out, observers stay in."""
+        key = (phase, plugin_name)
+        if key not in self.callers:
+            others = [r.plugin for r in self.registered.values() if r.backend is not None and r.plugin_name != plugin_name]
+            self.callers[key] = self.manager.subset_hook_caller(phase, remove_plugins=others)
+        return self.callers[key]
 
     def add(self, plugin: Any, plugin_name: str, distribution: str, version: str) -> None:
+        self.callers.clear()
         self.manager.register(plugin, name=plugin_name)
         impls = [i for i in self.manager.hook.register_backend.get_hookimpls() if i.plugin is plugin]
         backend = impls[0].function() if impls else None
@@ -108,6 +119,20 @@ def _get() -> _Registry:
     return _registry
 
 
+def phase_caller(phase: str, plugin_name: str) -> Any:
+    """A hook caller for ``phase`` that reaches the backend ``plugin_name`` and every observer, no other backend."""
+    return _get().caller(phase, plugin_name)
+
+
+def plugin_packages() -> dict[str, str]:
+    """Top-level package of each registered plugin -> its distribution (to name the plugin behind an exception)."""
+    packages = {}
+    for registered in _get().registered.values():
+        name = getattr(registered.plugin, "__name__", None) or type(registered.plugin).__module__
+        packages[name.split(".")[0]] = registered.distribution
+    return packages
+
+
 def plugin_manager() -> pluggy.PluginManager:
     """The process-wide plugin manager (discovers plugins on first use)."""
     return _get().manager
@@ -124,6 +149,7 @@ def unregister_plugin(name: str) -> None:
     """Remove a plugin registered under ``name``."""
     registry = _get()
     registered = registry.registered.pop(name)
+    registry.callers.clear()
     registry.manager.unregister(registered.plugin)
     for claimants in registry.claims.values():
         if name in claimants:

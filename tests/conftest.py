@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny checkpoints (built once per session) and the test-only backend."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny_models  # noqa: E402
+import toy_backend  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """One bf16 checkpoint per architecture in :data:`tiny_models.ARCHITECTURES`."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {arch: tiny_models.build(arch, root / arch) for arch in tiny_models.ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def llama(checkpoints) -> Path:
+    return checkpoints["llama"]
+
+
+@pytest.fixture
+def toy():
+    """The toy backend registered for one test, its call log cleared."""
+    import qcore
+
+    plugin = toy_backend.ToyPlugin()
+    qcore.register_plugin(plugin, "toy")
+    toy_backend.CALLS.clear()
+    yield plugin
+    qcore.unregister_plugin("toy")

@@ -1,0 +1,34 @@
+"""The hook spec's shape: six phases, named and ordered as documented, each fully documented."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from qcore import hookspecs
+
+PHASES = ["validate", "update_device_map", "preprocess_model", "load_weight", "postprocess", "optimize_runtime"]
+
+
+def test_six_phases_in_order_in_the_file():
+    source = inspect.getsource(hookspecs)
+    positions = [source.index(f"\ndef {name}(") for name in PHASES]
+    assert positions == sorted(positions)
+    assert list(hookspecs.PHASES) == PHASES
+
+
+@pytest.mark.parametrize("name", [*PHASES, "register_backend"])
+def test_every_hook_documents_arguments_returns_and_backend_duties(name):
+    function = getattr(hookspecs, name)
+    doc = inspect.getdoc(function)
+    for parameter in inspect.signature(function).parameters:
+        assert f":param {parameter}:" in doc, f"{name} does not document {parameter}"
+    assert ":returns:" in doc
+    assert "Implementing in a backend:" in doc
+
+
+def test_only_load_weight_stops_at_first_result():
+    firstresult = {name for name in PHASES if getattr(hookspecs, name).qcore_spec["firstresult"]}
+    assert firstresult == {"load_weight"}
+    assert "Stops at first non-None result" in inspect.getdoc(hookspecs.load_weight)

@@ -1,0 +1,159 @@
+"""The loader and saver end to end with the test backend, and plain loads matching transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import qcore
+import tiny_models
+import toy_backend
+from tiny_models import logits
+
+TOY = {"quant_method": "toy_int8"}
+
+
+def reference(path, dtype=None):
+    return _auto_class(path).from_pretrained(path, dtype=dtype)
+
+
+def _auto_class(path):
+    architecture = json.loads((path / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, architecture)
+
+
+@pytest.mark.parametrize("arch", list(tiny_models.ARCHITECTURES))
+def test_plain_checkpoint_without_config_loads_unquantized_like_transformers(checkpoints, arch):
+    path = checkpoints[arch]
+    model = qcore.from_pretrained(path)
+    expected = reference(path)
+    assert not getattr(model, "is_quantized", False)
+    assert torch.equal(logits(model), logits(expected))
+    assert model.dtype == expected.dtype == torch.bfloat16
+
+
+def test_dtype_argument_casts_full_precision_weights(llama):
+    model = qcore.from_pretrained(llama, dtype=torch.float32)
+    assert torch.equal(logits(model), logits(reference(llama, dtype=torch.float32)))
+
+
+def test_toy_backend_runs_all_six_phases_in_order(llama, toy):
+    model = qcore.from_pretrained(llama, TOY)
+    phases = [phase for phase, _ in toy_backend.CALLS]
+    assert phases == ["validate", "update_device_map", "preprocess_model", "postprocess", "optimize_runtime"]
+    owned = toy_backend.CALLS[2][1]
+    assert "lm_head" not in owned and len(owned) == 14  # 7 linears x 2 layers; lm_head kept like transformers
+    assert model.is_quantized and model.quantization_method == "toy_int8"
+    assert model.qcore_kernels == {"toy": "toy-dequant-matmul"}
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "ToyLinear"
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.int8
+    error = (logits(model).float() - logits(reference(llama)).float()).abs().max()
+    assert 0 < error < 0.05
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt", "bert"])
+def test_quantize_save_reload_is_identical_without_requantizing(checkpoints, toy, tmp_path, arch, monkeypatch):
+    model = qcore.from_pretrained(checkpoints[arch], TOY)
+    qcore.save_pretrained(model, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "toy_int8", "compute_dtype": None, "modules_to_not_convert": None}
+    monkeypatch.setattr(toy_backend, "quantize", lambda *_: pytest.fail("re-quantized a pre-quantized checkpoint"))
+    reloaded = qcore.from_pretrained(tmp_path / "out")
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+def test_saved_files_are_safetensors_only(llama, toy, tmp_path):
+    qcore.save_pretrained(qcore.from_pretrained(llama, TOY), tmp_path / "out")
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors"]
+
+
+def test_sharded_save_writes_an_index_and_reloads(llama, toy, tmp_path):
+    model = qcore.from_pretrained(llama, TOY)
+    qcore.save_pretrained(model, tmp_path / "out", max_shard_size="20KB")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert torch.equal(logits(qcore.from_pretrained(tmp_path / "out")), logits(model))
+
+
+def test_user_loading_attribute_overrides_the_checkpoint(llama, toy, tmp_path):
+    qcore.save_pretrained(qcore.from_pretrained(llama, TOY), tmp_path / "out")
+    model = qcore.from_pretrained(tmp_path / "out", {"quant_method": "toy_int8", "compute_dtype": "float32"})
+    assert model.model.layers[0].self_attn.q_proj.compute_dtype == torch.float32
+    assert model.config.quantization_config["compute_dtype"] == "float32"
+
+
+def test_user_skip_list_replaces_the_defaults(llama, toy):
+    model = qcore.from_pretrained(llama, {**TOY, "modules_to_not_convert": ["up_proj"]})  # suffix match, as transformers
+    assert type(model.lm_head).__name__ == "ToyLinear"
+    assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "ToyLinear"
+
+
+def test_tied_embeddings_stay_tied_and_unquantized(checkpoints, toy):
+    model = qcore.from_pretrained(checkpoints["qwen2"], TOY)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_generate_works_on_a_quantized_model(llama, toy):
+    model = qcore.from_pretrained(llama, TOY)
+    out = model.generate(tiny_models.INPUT_IDS, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, tiny_models.INPUT_IDS.shape[1] + 4)
+
+
+def test_observer_wrapper_sees_every_phase(llama, toy):
+    seen = []
+
+    class Timer:
+        @qcore.hookimpl(wrapper=True)
+        def load_weight(self, config, context, model, module_name, tensor_name, tensor):
+            seen.append("load_weight")
+            return (yield)
+
+        @qcore.hookimpl(wrapper=True)
+        def postprocess(self, config, context, model):
+            seen.append("postprocess")
+            return (yield)
+
+    qcore.register_plugin(Timer(), "timer")
+    try:
+        qcore.from_pretrained(llama, TOY)
+    finally:
+        qcore.unregister_plugin("timer")
+    assert seen.count("postprocess") == 1 and seen.count("load_weight") == 14
+
+
+def test_save_refuses_a_non_empty_directory_and_leaves_it_alone(llama, toy, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    model = qcore.from_pretrained(llama, TOY)
+    with pytest.raises(qcore.CheckpointError, match="overwrite=True"):
+        qcore.save_pretrained(model, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_failed_save_leaves_the_destination_exactly_as_it_was(llama, toy, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    model = qcore.from_pretrained(llama, TOY)
+    qcore.save_pretrained(model, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    import safetensors.torch
+
+    def broken_writer(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_writer)
+    with pytest.raises(OSError, match="disk full"):
+        qcore.save_pretrained(model, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directory left behind
+
+
+def test_loading_never_writes_into_the_source(llama, toy):
+    before = {p.name: p.stat().st_mtime_ns for p in llama.iterdir()}
+    qcore.from_pretrained(llama, TOY)
+    assert {p.name: p.stat().st_mtime_ns for p in llama.iterdir()} == before
