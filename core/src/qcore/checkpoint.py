@@ -33,8 +33,10 @@ DTYPE_SIZES = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
-#: safetensors caps the header at 100 MB; a larger claim is a corrupt or hostile file.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: safetensors refuses a header over 100 MB; a larger claim is a corrupt or hostile file.
+MAX_HEADER_BYTES = 100_000_000
+#: safetensors computes sizes in 64-bit integers and refuses a shape whose element or bit count overflows them.
+_SIZE_LIMIT = 2**64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,15 +56,21 @@ class TensorInfo:
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and check a safetensors header: tensor infos and the ``__metadata__`` dict.
 
+    The checks are those safetensors itself makes when it opens the file, so a file this accepts also opens there
+    and the load cannot fail half-way on a malformed file.
+
     :raises CheckpointError: truncated file, header length past the end, header not JSON, unknown dtype, offsets
-        out of range, overlapping, or not matching dtype x shape.
+        out of range, overlapping, leaving gaps or not matching dtype x shape.
     """
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
-                raise CheckpointError("truncated: shorter than the 8-byte header length", file=str(path))
+                raise CheckpointError(
+                    f"truncated: {len(prefix)} bytes, shorter than the 8-byte header length; download it again",
+                    file=str(path),
+                )
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
                 raise CheckpointError(
@@ -73,27 +81,52 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raw = handle.read(header_len)
     except OSError as error:
         raise CheckpointError(f"cannot read: {error}", file=str(path)) from error
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"header is not valid JSON ({error}); the file is corrupt", file=str(path)) from None
+    header = _parse_json(path, raw)
     if not isinstance(header, dict):
-        raise CheckpointError("header is not a JSON object; the file is corrupt", file=str(path))
-    metadata = header.pop("__metadata__", None) or {}
+        raise CheckpointError("header is not a JSON object; the file is corrupt: download it again", file=str(path))
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CheckpointError("__metadata__ must map strings to strings", file=str(path))
+        raise CheckpointError("__metadata__ must map strings to strings; the file is corrupt", file=str(path))
     data_len = size - 8 - header_len
-    infos, spans = {}, []
-    for name, entry in header.items():
-        infos[name] = _tensor_info(path, name, entry, data_len)
-        begin, end = entry["data_offsets"]
-        if end > begin:
-            spans.append((begin, end, name))
-    spans.sort()
-    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
-        if begin_b < end_a:
-            raise CheckpointError(f"overlaps tensor {name_a!r}; the file is corrupt", file=str(path), tensor=name_b)
+    infos = {name: _tensor_info(path, name, entry, data_len) for name, entry in header.items()}
+    _check_layout(path, header, data_len)
     return infos, metadata
+
+
+class _NotStrictJSON(ValueError):
+    """JSON that Python accepts but safetensors' strict parser refuses."""
+
+
+def _parse_json(path: Path, raw: bytes) -> Any:
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise _NotStrictJSON(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+        return dict(pairs)
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise _NotStrictJSON(f"number {text} out of range")
+        return value
+
+    def constant(text: str) -> Any:
+        raise _NotStrictJSON(f"{text} is not JSON")
+
+    try:
+        # Decoded as UTF-8 by hand: json.loads(bytes) would also take UTF-16/32 and a BOM, which safetensors refuses.
+        text = raw.decode("utf-8")
+        text.encode("utf-8")  # no lone surrogates from \u escapes either; safetensors refuses them
+        return json.loads(text, object_pairs_hook=unique_keys, parse_float=finite, parse_constant=constant)
+    except UnicodeError:
+        reason = "it is not UTF-8"
+    except RecursionError:
+        reason = "it is nested too deeply"
+    except ValueError as error:  # JSONDecodeError and _NotStrictJSON
+        reason = str(error)
+    raise CheckpointError(f"header is not valid JSON ({reason}); the file is corrupt: download it again", file=str(path))
 
 
 def _tensor_info(path: Path, name: str, entry: Any, data_len: int) -> TensorInfo:
@@ -105,21 +138,53 @@ def _tensor_info(path: Path, name: str, entry: Any, data_len: int) -> TensorInfo
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPE_SIZES:
         raise fail(f"unknown dtype {dtype!r} (known: {', '.join(DTYPE_SIZES)})")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
         raise fail(f"shape {shape!r} is not a list of non-negative integers")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-    ):
-        raise fail(f"data_offsets {offsets!r} is not a pair of integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets):
+        raise fail(f"data_offsets {offsets!r} is not a pair of non-negative integers")
+    elements = 1
+    for dim in shape:
+        elements *= dim
+        if elements >= _SIZE_LIMIT:
+            raise fail(f"shape {shape} has more elements than a 64-bit size can count")
+    if elements * DTYPE_SIZES[dtype] * 8 >= _SIZE_LIMIT:
+        raise fail(f"shape {shape} of {dtype} has more bits than a 64-bit size can count")
     begin, end = offsets
-    if not 0 <= begin <= end <= data_len:
+    if not begin <= end <= data_len:
         raise fail(f"data_offsets {offsets} out of range of the {data_len}-byte data section")
     info = TensorInfo(name, path, dtype, tuple(shape))
     if end - begin != info.nbytes:
         raise fail(f"data_offsets span {end - begin} bytes but {dtype} x {shape} needs {info.nbytes}")
     return info
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _SIZE_LIMIT
+
+
+def _check_layout(path: Path, header: dict[str, Any], data_len: int) -> None:
+    """Tensors must tile the data section: in offset order, each begins where the previous ended, the last at the end.
+
+    An overlap would let two tensors alias one another's bytes, and a gap or trailing bytes is data no tensor
+    accounts for; safetensors refuses both, so refusing them here keeps its refusal from surfacing mid-load.
+    """
+    spans = sorted((tuple(entry["data_offsets"]), name) for name, entry in header.items())
+    covered, previous = 0, None
+    for (begin, end), name in spans:
+        if begin < covered:
+            raise CheckpointError(f"overlaps tensor {previous!r}; the file is corrupt", file=str(path), tensor=name)
+        if begin > covered:
+            raise CheckpointError(
+                f"leaves bytes {covered}..{begin} of the data section unused before it; the file is corrupt",
+                file=str(path),
+                tensor=name,
+            )
+        covered, previous = end, name
+    if covered != data_len:
+        raise CheckpointError(
+            f"the data section has {data_len - covered} bytes past the last tensor; the file is truncated or corrupt",
+            file=str(path),
+        )
 
 
 class CheckpointReader:
@@ -228,13 +293,20 @@ class CheckpointReader:
         if self.is_pickle:
             yield from self._stream_pickle(names)
             return
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         for file in self.files:
-            with safe_open(file, framework="pt", device="cpu") as handle:
-                for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    if names is None or name in names:
-                        yield name, handle.get_tensor(name)
+            try:
+                with safe_open(file, framework="pt", device="cpu") as handle:
+                    for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                        if names is None or name in names:
+                            yield name, handle.get_tensor(name)
+            except (SafetensorError, OSError) as error:
+                raise CheckpointError(
+                    f"cannot be read ({error}); it changed since its header was checked, or the disk failed: "
+                    f"download it again",
+                    file=str(file),
+                ) from error
 
     def _stream_pickle(self, names: set[str] | None) -> Iterator[tuple[str, Any]]:
         import torch
@@ -242,7 +314,7 @@ class CheckpointReader:
         for file in self.files:
             if file.name.endswith(".json"):
                 raise CheckpointError("sharded pickle checkpoints are not supported; convert to safetensors", file=str(file))
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            state = _torch_load(file)
             for name, tensor in state.items():
                 self.tensors.setdefault(
                     name, TensorInfo(name, file, _SAFETENSORS_DTYPE[str(tensor.dtype)], tuple(tensor.shape))
@@ -257,8 +329,55 @@ class CheckpointReader:
                 pass
 
 
+def _torch_load(file: Path) -> dict[str, Any]:
+    """A pickle checkpoint's state dict, unpickled by ``torch.load(weights_only=True)``: tensors and plain data only.
+
+    weights_only refuses any pickle that would import or call something (a hostile ``__reduce__``), and every other
+    way an untrusted file can fail is reported as a :class:`CheckpointError` naming it, never torch's own exception.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        # mmap keeps only the tensor in hand resident; files in torch's legacy (pre-1.6) format cannot be mapped.
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"refused by torch.load(weights_only=True): the pickle asks to run code or build objects other than "
+            f"tensors ({first_line}). qcore never unpickles such a file, even with allow_pickle=True; ask its "
+            f"publisher for safetensors weights",
+            file=str(file),
+        ) from None
+    except Exception as error:  # an untrusted file can break torch.load in many ways; report each as corrupt
+        raise CheckpointError(
+            f"cannot be read by torch.load ({type(error).__name__}: {error}); the file is corrupt or not a PyTorch "
+            f"checkpoint: download it again or convert it to safetensors",
+            file=str(file),
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(
+            "is not a plain state dict (tensor name -> tensor); save model.state_dict() alone, or convert to "
+            "safetensors",
+            file=str(file),
+        )
+    unknown = [name for name, tensor in state.items() if str(tensor.dtype) not in _SAFETENSORS_DTYPE]
+    if unknown:
+        raise CheckpointError(
+            f"dtype {state[unknown[0]].dtype} is not one qcore loads (known: {', '.join(_SAFETENSORS_DTYPE)})",
+            file=str(file),
+            tensor=unknown[0],
+        )
+    return state
+
+
 _SAFETENSORS_DTYPE = {
     "torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16",
     "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8", "torch.uint8": "U8",
-    "torch.bool": "BOOL", "torch.float8_e4m3fn": "F8_E4M3", "torch.float8_e5m2": "F8_E5M2",
+    "torch.uint64": "U64", "torch.uint32": "U32", "torch.uint16": "U16", "torch.bool": "BOOL",
+    "torch.float8_e4m3fn": "F8_E4M3", "torch.float8_e5m2": "F8_E5M2", "torch.float8_e8m0fnu": "F8_E8M0",
 }  # fmt: skip

@@ -35,6 +35,10 @@ class QuantConfig:
     loading_attributes: ClassVar[frozenset[str]] = frozenset()
     #: Keys transformers writes that carry no meaning of their own (derived or legacy); accepted and dropped.
     ignored_keys: ClassVar[frozenset[str]] = frozenset()
+    #: The field holding the user's skip list (e.g. ``"llm_int8_skip_modules"``), if the method has one. It lets
+    #: the default :meth:`skip_modules` read it, and lets a recipe that uses this one config save in the plain
+    #: format transformers reads, with the recipe's full-precision modules written into it.
+    skip_field: ClassVar[str | None] = None
 
     # -- parsing ---------------------------------------------------------------------------------------
 
@@ -117,7 +121,7 @@ class QuantConfig:
         ``None`` means the defaults: the output embeddings, tied weights and the model's last module, as
         transformers keeps them. A list replaces those defaults.
         """
-        return None
+        return getattr(self, self.skip_field) if self.skip_field else None
 
     def quantized_nbytes(self, out_features: int, in_features: int, dtype_nbytes: int) -> int:
         """Bytes a quantized ``Linear(in_features, out_features)`` weight takes, quantization metadata included.

@@ -29,7 +29,7 @@ from qcore.context import LoadContext
 from qcore.errors import CheckpointError, ConfigError, InsufficientMemory, PluginError, QcoreError
 from qcore.recipe import RECIPE_METHOD, Recipe
 
-__all__ = ["from_pretrained"]
+__all__ = ["from_pretrained", "plan", "LoadPlan", "estimate_nbytes"]
 
 logger = logging.getLogger("qcore")
 
@@ -103,6 +103,7 @@ def from_pretrained(
 
     model = _build_skeleton(model_class, model_config, dtype, model_kwargs)
     keys = _KeyMapper(model, reader.tensors)
+    candidates = _candidates(model)
     applied, units = _assign(spec, model, keys, context)
 
     # Phase 2: device placement.
@@ -134,7 +135,7 @@ def from_pretrained(
         _run("postprocess", unit.registered, None, config=unit.config, context=unit.context, model=model)
     _check_missing(model, reader)
 
-    _mark_quantized(model, spec, applied, context)
+    _mark_quantized(model, spec, applied, candidates, context)
     # Phase 6: kernels.
     for unit in units:
         _run("optimize_runtime", unit.registered, None, config=unit.config, context=unit.context, model=model)
@@ -146,6 +147,65 @@ def from_pretrained(
     _load_generation_config(model, source)
     model.eval()
     return model
+
+
+# -- planning a load without loading -------------------------------------------------------------------------
+
+
+def plan(
+    src: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+    model_class: type | None = None,
+    **model_kwargs: Any,
+) -> LoadPlan:
+    """What :func:`from_pretrained` would build from ``src``, worked out from config.json alone.
+
+    No weight file is read, and for a hub id only config.json is downloaded. The arguments mean what they mean for
+    :func:`from_pretrained`; one plan answers for any number of quantization configs (``qcore estimate`` and
+    ``qcore recommend`` compare presets with it).
+    """
+    source = _resolve_source(src, revision)
+    model_config = _read_model_config(source, model_kwargs)
+    dtype = _resolve_dtype(dtype, model_config)
+    return LoadPlan(_build_skeleton(model_class, model_config, dtype, model_kwargs), dtype)
+
+
+@dataclasses.dataclass
+class LoadPlan:
+    """The skeleton :func:`from_pretrained` would fill, and what each quantization config would make of it."""
+
+    #: The model exactly as the loader builds it before reading weights: parameters on the meta device.
+    model: nn.Module
+    #: The dtype of the weights kept in full precision.
+    dtype: torch.dtype
+
+    @property
+    def pre_quantized(self) -> bool:
+        return getattr(self.model.config, "quantization_config", None) is not None
+
+    def assign(self, quantization_config: QuantConfig | Recipe | Mapping[str, Any] | None = None) -> dict[str, QuantConfig]:
+        """Module name -> config, as the loader would assign them (for a pre-quantized checkpoint, the stored ones)."""
+        spec, _ = _resolve_spec(self.model.config, quantization_config)
+        return _assignment(spec, self.model, _candidates(self.model)) if spec is not None else {}
+
+    def parameter_count(self) -> int:
+        """Parameters of the model in full precision, tied weights counted once."""
+        tied = self._tied_targets()
+        return sum(p.numel() for name, p in self.model.named_parameters() if name not in tied)
+
+    def nbytes(self, quantization_config: QuantConfig | Recipe | Mapping[str, Any] | None = None) -> int:
+        """Bytes the loaded model's parameters and buffers will take: what ``model.get_memory_footprint()`` reports."""
+        total = sum(estimate_nbytes(self.model, self.assign(quantization_config), self.dtype).values())
+        # The loader ties weights once every tensor is in, so a tied target shares its source's storage.
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        total -= sum(self.model.get_parameter(name).numel() * element for name in self._tied_targets())
+        # Buffers computed at construction (RoPE frequencies) are already real in the skeleton, in their own dtype.
+        return total + sum(b.numel() * b.element_size() for b in self.model.buffers() if b.device.type != "meta")
+
+    def _tied_targets(self) -> set[str]:
+        return set(getattr(self.model, "all_tied_weights_keys", None) or {})
 
 
 # -- source and configs --------------------------------------------------------------------------------------
@@ -300,14 +360,8 @@ def _assign(spec: Recipe | None, model: nn.Module, keys: _KeyMapper, context: Lo
     """Module -> config, and one unit per (backend, config) with its context."""
     if spec is None:
         return {}, []
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import get_keys_to_not_convert
-
-    candidates = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
-    always_keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    applied, unmatched = spec.assign(candidates, get_keys_to_not_convert(model), always_keep)
-    for pattern in unmatched:
-        logger.warning("recipe rule %r matched no module of %s", pattern, type(model).__name__)
+    candidates = _candidates(model)
+    applied = _assignment(spec, model, candidates)
     missing = sorted(set(applied) - set(keys.modules))
     if missing:
         raise CheckpointError(f"the stored recipe names modules the model lacks: {missing[:5]}", file=str(context.source))
@@ -327,6 +381,24 @@ def _assign(spec: Recipe | None, model: nn.Module, keys: _KeyMapper, context: Lo
         module_keys = {name: frozenset(tensor_names.get(name, ())) for name in modules}
         units.append(_Unit(registered, config, context.for_backend(registered.distribution, modules, module_keys)))
     return applied, units
+
+
+def _candidates(model: nn.Module) -> list[str]:
+    """Names of the modules a backend may own: every ``nn.Linear`` and transformers ``Conv1D``, in model order."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+
+
+def _assignment(spec: Recipe, model: nn.Module, candidates: list[str]) -> dict[str, QuantConfig]:
+    """Module -> config for the candidates ``spec`` quantizes, keeping what transformers keeps in full precision."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    always_keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    applied, unmatched = spec.assign(candidates, get_keys_to_not_convert(model), always_keep)
+    for pattern in unmatched:
+        logger.warning("recipe rule %r matched no module of %s", pattern, type(model).__name__)
+    return applied
 
 
 # -- device maps and memory ------------------------------------------------------------------------------------
@@ -496,24 +568,44 @@ def _check_missing(model: nn.Module, reader: CheckpointReader) -> None:
 # -- finishing -----------------------------------------------------------------------------------------------
 
 
-def _mark_quantized(model, spec: Recipe | None, applied: Mapping[str, QuantConfig], context: LoadContext) -> None:
+def _mark_quantized(
+    model, spec: Recipe | None, applied: Mapping[str, QuantConfig], candidates: list[str], context: LoadContext
+) -> None:
     """Record what was applied, where transformers and the ecosystem (PEFT, Trainer) look for it."""
     model.qcore_kernels = context.kernels
     if spec is None or not applied:
         return
     from qcore._hf import QcoreQuantizer
 
-    single = spec.single_config(applied)
-    quant_dict = single.to_dict() if single is not None and spec.modules is None and not spec.rules else spec.to_dict(applied)
+    plain = _as_plain_config(spec, model, applied, candidates)
+    quant_dict = plain.to_dict() if plain is not None else spec.to_dict(applied)
     model.qcore_applied = dict(applied)
-    model.qcore_spec = spec
     for module in model.modules():
         if hasattr(module, "config") and hasattr(module.config, "to_dict"):
             module.config.quantization_config = quant_dict
             module.config._is_quantized = True
-    model.hf_quantizer = QcoreQuantizer(quant_dict, single)
+    model.hf_quantizer = QcoreQuantizer(quant_dict, plain)
     model.is_quantized = True
     model.quantization_method = model.hf_quantizer.quantization_config.quant_method
+
+
+def _as_plain_config(
+    spec: Recipe, model: nn.Module, applied: Mapping[str, QuantConfig], candidates: list[str]
+) -> QuantConfig | None:
+    """The one config that, read by transformers or qcore, quantizes exactly the modules in ``applied``.
+
+    ``None`` when the model mixes configs (it is then saved as a recipe). A single config whose own skip rules
+    would pick other modules gets the full-precision modules written into its skip list.
+    """
+    single = spec.single_config(applied)
+    if single is None:
+        return None
+    if _assignment(Recipe(default=single), model, candidates).keys() == applied.keys():
+        return single
+    if single.skip_field is None:
+        return None
+    keep = [name for name in candidates if name not in applied]
+    return dataclasses.replace(single, **{single.skip_field: keep})
 
 
 def _load_generation_config(model, source: Path) -> None:
