@@ -207,8 +207,10 @@ class CheckpointReader:
             return self._shards_from_index(index)
         single = self.directory / SAFE_WEIGHTS_NAME
         if single.is_file():
-            return [self._inside(SAFE_WEIGHTS_NAME, index)]
-        pickled = [self.directory / name for name in PICKLE_NAMES if (self.directory / name).is_file()]
+            return [self._inside(SAFE_WEIGHTS_NAME, single)]
+        pickled = [
+            self._inside(name, self.directory / name) for name in PICKLE_NAMES if (self.directory / name).is_file()
+        ]
         if pickled:
             if not self.allow_pickle:
                 raise CheckpointError(
@@ -225,30 +227,50 @@ class CheckpointReader:
 
     def _shards_from_index(self, index: Path) -> list[Path]:
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise CheckpointError(f"not a valid shard index ({error})", file=str(index)) from None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError("weight_map must map tensor names to shard file names", file=str(index))
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+            raise CheckpointError(
+                f"not a valid shard index ({type(error).__name__}: {error}); download it again", file=str(index)
+            ) from None
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(
+                "weight_map must map tensor names to shard file names (and list at least one); download it again",
+                file=str(index),
+            )
         self.weight_map = weight_map
         return [self._inside(name, index) for name in dict.fromkeys(weight_map.values())]
 
-    def _inside(self, name: str, index: Path) -> Path:
-        """The path of shard ``name``, refusing any name that leaves the checkpoint directory."""
-        if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
+    def _inside(self, name: str, listed_in: Path) -> Path:
+        """The path of weight file ``name``, refusing any name or symlink that leaves the checkpoint directory.
+
+        A hostile index (or archive) could otherwise make the loader read any file the user can read, such as a
+        private key, as weights. The one place a symlink may lead is the Hugging Face cache's ``blobs`` directory
+        beside a ``snapshots/<revision>`` checkpoint, where the hub keeps the files it downloaded.
+        """
+        if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name or "\0" in name:
             raise CheckpointError(
-                f"shard name {name!r} points outside the checkpoint directory (path traversal); refusing to read it",
-                file=str(index),
+                f"weight file name {name!r} points outside the checkpoint directory (path traversal); refusing to "
+                f"read it. Only names inside the directory are allowed: fix the index",
+                file=str(listed_in),
             )
         path = self.directory / name
-        root = self.directory.resolve()
-        if not path.resolve().is_relative_to(root):
+        try:
+            root, target = self.directory.resolve(), path.resolve()
+        except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop
+            raise CheckpointError(f"weight file {name!r} cannot be resolved ({error})", file=str(path)) from None
+        allowed = [root]
+        if root.parent.name == "snapshots":
+            allowed.append(root.parent.parent / "blobs")
+        if not any(target.is_relative_to(place) for place in allowed):
             raise CheckpointError(
-                f"shard {name!r} is a symlink leaving the checkpoint directory (to {path.resolve()}); refusing it",
-                file=str(index),
+                f"weight file {name!r} is a symlink leaving the checkpoint directory (to {target}); refusing to "
+                f"follow it (path traversal). Copy the file into the directory if you trust it",
+                file=str(listed_in),
             )
         if not path.is_file():
-            raise CheckpointError(f"shard {name!r} listed in the index is missing; download it again", file=str(path))
+            raise CheckpointError(
+                f"weight file {name!r} listed in {listed_in.name} is missing; download it again", file=str(path)
+            )
         return path
 
     def _read_headers(self) -> None:
@@ -265,7 +287,7 @@ class CheckpointReader:
             self.metadata.update(metadata)
         for name, shard in getattr(self, "weight_map", {}).items():
             info = self.tensors.get(name)
-            if info is None or info.file.name != Path(shard).name:
+            if info is None or info.file != self.directory / shard:
                 raise CheckpointError(
                     f"the index maps this tensor to {shard!r}, which does not hold it; the index is stale or corrupt",
                     file=str(self.directory / SAFE_INDEX_NAME),

@@ -47,4 +47,15 @@ class PluginError(QcoreError):
 
 
 class InsufficientMemory(QcoreError, MemoryError):
-    """The load would not fit in the target devices' memory; raised before any weight is read."""
+    """The load would not fit in the target devices' memory; raised before any weight is read.
+
+    ``device``, ``needed`` and ``available`` (bytes) carry the numbers the message states, when the raiser knows them.
+    """
+
+    def __init__(
+        self, message: str, *, device: str | None = None, needed: int | None = None, available: int | None = None
+    ):
+        super().__init__(message)
+        self.device = device
+        self.needed = needed
+        self.available = available

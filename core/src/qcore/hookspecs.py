@@ -65,11 +65,12 @@ def register_backend() -> Backend | None:
 def validate(config: QuantConfig, context: LoadContext) -> None:
     """Check that this config can be applied here, before any weight file is read.
 
-    Runs first, once per (backend, config) used by the model, after config.json has been read and the safetensors
-    headers parsed (for a hub id, before any weight file is downloaded).
+    Runs first, once per (backend, config) used by the model, as soon as config.json has been read: before any
+    weight file is located, read or (for a hub id) downloaded.
 
     :param config: the config this backend will apply, already merged with the user's loading attributes.
-    :param context: the load; ``context.device_map`` is the user's request, not yet adjusted by any backend.
+    :param context: the load: ``context.model_config``, ``context.dtype`` and ``context.pre_quantized`` are set;
+        ``context.checkpoint`` is ``None`` and ``context.modules`` empty, because no weight has been looked at yet.
     :returns: nothing; refuse by raising.
 
     Implementing in a backend: required. Import the backend's library here (not at module import) and raise

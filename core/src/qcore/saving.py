@@ -3,16 +3,24 @@
 The tensors are the model's ``state_dict()``: each backend's quantized modules emit their stored form there (for a
 single-method model, the tensors transformers itself writes for that method), and config.json carries the
 ``quantization_config`` the load recorded, so ``qcore.from_pretrained(out_dir)`` reloads without re-quantizing.
-Everything is written into a temporary directory beside the destination and renamed into place, so a failed or
-interrupted save leaves the destination exactly as it was. Nothing is pickled.
+Everything is written into a staging directory beside the destination, flushed to disk, and renamed into place
+(swapped atomically with an existing destination on Linux), so a failed or killed save leaves the destination
+exactly as it was. A save killed outright (SIGKILL, power loss) cannot remove its staging directory
+``.NAME.HOST-PID.*.partial``; the next save into the same destination from the same host deletes those whose
+process is gone, and leaves those of live processes alone. Nothing is pickled.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
-import tempfile
+import secrets
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +46,93 @@ def save_pretrained(
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CheckpointError("destination exists and is not empty; pass overwrite=True to replace it", file=str(out))
+        raise CheckpointError(
+            "destination exists and is not empty; pass overwrite=True to replace it (the old contents stay until the "
+            "new checkpoint is complete), or choose another directory",
+            file=str(out),
+        )
     limit = _parse_size(max_shard_size)
     tensors = _tensors_to_save(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    target = out.absolute()  # "." has no name to stage beside
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(target)
+    staging = _make_staging(target)
     try:
         _write_shards(tensors, staging, limit)
         model.config.save_pretrained(staging)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():
             generation_config.save_pretrained(staging)
-        _swap_into_place(staging, out)
+        _flush(staging)
+        _swap_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+# -- staging -----------------------------------------------------------------------------------------------
+
+
+def _staging_prefix(target: Path, pid: int | None = None) -> str:
+    return f".{target.name}.{socket.gethostname()}-{os.getpid() if pid is None else pid}."
+
+
+def _make_staging(target: Path) -> Path:
+    """A new empty directory beside ``target``, with the permissions ``target`` would get (umask applies).
+
+    Not ``tempfile.mkdtemp``: its directory is private to the user (0700), and would stay so once renamed.
+    """
+    while True:
+        staging = target.parent / f"{_staging_prefix(target)}{secrets.token_hex(4)}.partial"
+        try:
+            staging.mkdir()
+            return staging
+        except FileExistsError:
+            continue
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Delete staging directories that saves into ``target`` from this host left behind when they were killed.
+
+    Only directories whose process no longer exists go: a save still running (here or, on a shared file system,
+    on another host) keeps its own.
+    """
+    if os.name != "posix":  # os.kill(pid, 0) probes a process only on POSIX; elsewhere it would terminate it
+        return
+    pattern = re.compile(re.escape(f".{target.name}.{socket.gethostname()}-") + r"(\d+)\..*\.partial")
+    for candidate in target.parent.iterdir():
+        match = pattern.fullmatch(candidate.name)
+        if match and candidate.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _flush(directory: Path) -> None:
+    """fsync every file written and the directory, so the rename never publishes files still only in cache."""
+    for path in directory.iterdir():
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    if os.name != "posix":
+        return
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def _tensors_to_save(model: Any) -> dict[str, torch.Tensor]:
@@ -121,21 +200,46 @@ def _unshare(shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _swap_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished staging directory to ``out``; an existing ``out`` is kept until the rename succeeded."""
+    """Move the finished staging directory to ``out``; an existing ``out`` is kept until the new one is in place."""
     if not out.exists():
         staging.rename(out)
-        return
-    backup = out.parent / f".{out.name}.{os.getpid()}.old"
-    out.rename(backup)
-    try:
-        staging.rename(out)
-    except BaseException:
-        backup.rename(out)
-        raise
-    if backup.is_dir():
-        shutil.rmtree(backup)
+    elif _exchange(staging, out):
+        _remove(staging)  # now holds the old contents
     else:
-        backup.unlink()
+        # Without an atomic exchange there is a moment, between the two renames, when ``out`` does not exist; the
+        # old contents are then at ``.NAME.PID.old`` beside it.
+        backup = out.parent / f".{out.name}.{os.getpid()}.old"
+        out.rename(backup)
+        try:
+            staging.rename(out)
+        except BaseException:
+            backup.rename(out)
+            raise
+        _remove(backup)
+    _fsync_directory(out.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux's ``renameat2(RENAME_EXCHANGE)``; False where that is not available."""
+    if sys.platform != "linux":
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # glibc older than 2.28, or another libc
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or file system without RENAME_EXCHANGE
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

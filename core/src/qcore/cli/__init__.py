@@ -47,7 +47,8 @@ class _QcoreGroup(click.Group):
             code = result if isinstance(result, int) else 0
         except click.UsageError as error:
             where = f"; see '{error.ctx.command_path} --help'" if error.ctx is not None else ""
-            click.echo(f"error: {' '.join(error.format_message().split())}{where}", err=True)
+            message = " ".join(error.format_message().split()).rstrip(".")
+            click.echo(f"error: {message}{where}", err=True)
             code = 2
         except click.ClickException as error:
             click.echo(f"error: {error.format_message()}", err=True)

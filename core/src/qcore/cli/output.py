@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-__all__ = ["stdout", "stderr", "escape", "print_json", "format_bytes", "format_seconds", "format_count"]
+__all__ = ["stdout", "stderr", "escape", "print_json", "format_bytes", "format_seconds", "format_count", "method_names"]
 
 
 def stdout() -> Console:
@@ -49,3 +49,10 @@ def format_count(count: int) -> str:
         if count >= factor:
             return f"{count / factor:.2f}{unit}"
     return str(count)
+
+
+def method_names(model: Any) -> str:
+    """What a loaded model was quantized with, in a few words: ``"bitsandbytes nf4"``, or ``"full precision"``."""
+    if not getattr(model, "qcore_applied", None):
+        return "full precision"
+    return ", ".join(config.short_name() for config in model.qcore_spec.configs())

@@ -1,0 +1,79 @@
+"""``qcore generate``: load a model (quantizing it on the fly if asked) and stream a greedy continuation of a prompt.
+
+The tokenizer is loaded before the model: a checkpoint without one fails in a second with a one-line error rather
+than after a long load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from qcore.cli.options import device_option, dtype_option, quantization_options, resolve_dtype, resolve_quantization
+from qcore.cli.output import escape, method_names, stderr
+from qcore.cli.quantize import TOKENIZER_FILES, TensorProgress
+
+__all__ = ["generate"]
+
+
+@click.command()
+@click.argument("path", metavar="PATH_OR_HUB_ID")
+@quantization_options
+@click.option("--prompt", required=True, help="The text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@dtype_option
+@device_option
+def generate(path: str, preset: str | None, config_text: str | None, recipe: Path | None, prompt: str,
+             max_new_tokens: int, dtype: str, device: str) -> None:  # fmt: skip
+    """Continue --prompt with the model at PATH_OR_HUB_ID, streaming the text as it is generated.
+
+    A full-precision checkpoint is quantized while loading when --preset, --config or --recipe is given; a
+    pre-quantized one loads as saved. Decoding is greedy, so the same prompt gives the same text.
+    """
+    import qcore
+
+    config = resolve_quantization(preset, config_text, recipe, required=False)
+    tokenizer = _load_tokenizer(path)
+    with TensorProgress("loading") as progress:
+        model = qcore.from_pretrained(path, config, dtype=resolve_dtype(dtype), device_map=device, progress=progress)
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    stderr().print(f"[dim]{escape(model.config.model_type)}, {escape(method_names(model))}[/]")
+    click.echo(prompt, nl=False)
+    model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        streamer=_echo_streamer(tokenizer),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+
+
+def _load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    directory = Path(path)
+    if directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise click.ClickException(
+            f"{path} has no tokenizer (no tokenizer.json or tokenizer_config.json); copy the tokenizer files of the "
+            f"model it was made from into it"
+        )
+    transformers_logging.set_verbosity_error()  # the CLI reports problems itself, in one line
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise click.ClickException(f"cannot load the tokenizer of {path}: {first_line}") from error
+
+
+def _echo_streamer(tokenizer: Any) -> Any:
+    """transformers' TextStreamer, writing through click so the text lands wherever click's stdout is."""
+    from transformers import TextStreamer
+
+    class EchoStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            click.echo(text, nl=stream_end)
+
+    return EchoStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
