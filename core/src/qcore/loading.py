@@ -112,6 +112,7 @@ def from_pretrained(
         unit.context.device_map = device_map
         new_map = _run("update_device_map", unit.registered, None, config=unit.config, context=unit.context, device_map=dict(device_map))
         device_map = _first(new_map) or device_map
+    _check_device_map(device_map)
     for unit in units:
         unit.context.device_map = device_map
     context.device_map = device_map
@@ -425,6 +426,28 @@ def _initial_device_map(device_map: Any, model: nn.Module, dtype: torch.dtype, m
             low_zero=device_map == "balanced_low_0",
         )  # fmt: skip
     return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+
+
+def _check_device_map(device_map: Mapping[str, Any]) -> None:
+    """Refuse, before any weight is read, a placement no device here can serve, naming the module and the device."""
+    for module, device in device_map.items():
+        where = f"module {module!r}" if module else "the whole model"
+        if device == "disk":
+            raise ConfigError(
+                f"device_map puts {where} on 'disk'; qcore does not offload to disk. Give it more max_memory, a "
+                f"smaller preset, or place it on 'cpu'"
+            )
+        try:
+            target = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"device_map puts {where} on {device!r}, which is not a device; use 'cpu' or 'cuda:N'") from None
+        if target.type == "cuda" and (
+            not torch.cuda.is_available() or (target.index or 0) >= torch.cuda.device_count()
+        ):
+            raise ConfigError(
+                f"device_map puts {where} on {device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                f"device(s); place it on 'cpu' or on an existing GPU"
+            )
 
 
 def estimate_nbytes(model: nn.Module, applied: Mapping[str, QuantConfig], dtype: torch.dtype) -> dict[str, int]:
