@@ -12,9 +12,11 @@ read from a memory map, converted and placed on its device, and dropped before t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,20 @@ logger = logging.getLogger("qcore")
 
 #: Buffers that old checkpoints carry but current transformers models compute themselves.
 _IGNORED_UNEXPECTED = ("rotary_emb.inv_freq", "position_ids", "attn.bias", "attn.masked_bias")
+#: Held for a whole load and while any skeleton is built. Building a transformers model patches process-wide state
+#: for its duration (accelerate's register_parameter, transformers' tie_weights and default dtype), so a load in
+#: another thread would see it: its weights tied to nothing or registered on the meta device, or each build
+#: restoring the other's patch for good. Loads in threads therefore run one at a time.
+_LOAD_LOCK = threading.RLock()
+
+
+def _one_load_at_a_time(function):
+    @functools.wraps(function)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with _LOAD_LOCK:
+            return function(*args, **kwargs)
+
+    return locked
 
 
 @dataclasses.dataclass
@@ -50,6 +66,7 @@ class _Unit:
         return self.registered.distribution
 
 
+@_one_load_at_a_time
 def from_pretrained(
     src: str | os.PathLike[str],
     quantization_config: QuantConfig | Recipe | Mapping[str, Any] | None = None,
@@ -66,6 +83,9 @@ def from_pretrained(
     **model_kwargs: Any,
 ):
     """Load a transformers model from ``src``, quantizing its weights while loading.
+
+    Safe to call from several threads; the loads run one at a time (building a transformers model patches
+    process-wide state). Load in separate processes to load in parallel.
 
     :param src: a local checkpoint directory or a hub id (``"org/name"``, resolved through huggingface_hub: config.json
         first, then only the weight files needed).
@@ -105,13 +125,18 @@ def from_pretrained(
     keys = _KeyMapper(model, reader.tensors)
     candidates = _candidates(model)
     applied, units = _assign(spec, model, keys, context)
+    no_place = _check_fit(model, keys, reader, {name for unit in units for name in unit.context.modules}, pre_quantized)
+    _report_unexpected(sorted(no_place), allow_unexpected, reader)
 
     # Phase 2: device placement.
     device_map = _initial_device_map(device_map, model, dtype, max_memory)
     for unit in units:
         unit.context.device_map = device_map
         new_map = _run("update_device_map", unit.registered, None, config=unit.config, context=unit.context, device_map=dict(device_map))
-        device_map = _first(new_map) or device_map
+        new_map = _first(new_map)
+        if new_map is not None and not isinstance(new_map, Mapping):
+            raise PluginError(unit.name, "update_device_map", None, TypeError(f"returned {type(new_map).__name__}, not a dict or None"))
+        device_map = new_map or device_map
     _check_device_map(device_map)
     for unit in units:
         unit.context.device_map = device_map
@@ -126,7 +151,7 @@ def from_pretrained(
     # Phase 4: stream every tensor through its owner.
     keys.modules = dict(model.named_modules())  # preprocess_model replaced some
     owner_of = {name: unit for unit in units for name in unit.context.modules}
-    unexpected = _stream(model, reader, keys, owner_of, context, progress)
+    unexpected = _stream(model, reader, keys, owner_of, context, progress, skip=no_place)
     _report_unexpected(unexpected, allow_unexpected, reader)
     model.tie_weights()
 
@@ -186,7 +211,9 @@ class LoadPlan:
     def pre_quantized(self) -> bool:
         return getattr(self.model.config, "quantization_config", None) is not None
 
-    def assign(self, quantization_config: QuantConfig | Recipe | Mapping[str, Any] | None = None) -> dict[str, QuantConfig]:
+    def assign(
+        self, quantization_config: QuantConfig | Recipe | Mapping[str, Any] | None = None
+    ) -> dict[str, QuantConfig]:
         """Module name -> config, as the loader would assign them (for a pre-quantized checkpoint, the stored ones)."""
         spec, _ = _resolve_spec(self.model.config, quantization_config)
         return _assignment(spec, self.model, _candidates(self.model)) if spec is not None else {}
@@ -197,7 +224,11 @@ class LoadPlan:
         return sum(p.numel() for name, p in self.model.named_parameters() if name not in tied)
 
     def nbytes(self, quantization_config: QuantConfig | Recipe | Mapping[str, Any] | None = None) -> int:
-        """Bytes the loaded model's parameters and buffers will take: what ``model.get_memory_footprint()`` reports."""
+        """Bytes the loaded model will hold: parameters, buffers and each backend's quantization statistics.
+
+        ``model.get_memory_footprint()`` reports the same, less the statistics some backends keep outside parameters
+        and buffers (bitsandbytes' ``quant_state``, HQQ's ``meta``).
+        """
         total = sum(estimate_nbytes(self.model, self.assign(quantization_config), self.dtype).values())
         # The loader ties weights once every tensor is in, so a tied target shares its source's storage.
         element = torch.tensor([], dtype=self.dtype).element_size()
@@ -248,15 +279,26 @@ def _read_model_config(source: Path, model_kwargs: dict[str, Any]):
     if not path.is_file():
         raise CheckpointError("no config.json; a transformers checkpoint needs one", file=str(source))
     try:
-        json.loads(path.read_text())
-    except ValueError as error:
-        raise ConfigError(f"{path}: invalid JSON ({error}); fix or regenerate config.json") from None
-    if model_kwargs.get("trust_remote_code"):
+        parsed = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # RecursionError: nested too deeply for the parser
+        raise ConfigError(f"{path}: invalid JSON ({type(error).__name__}: {error}); fix or regenerate config.json") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"{path}: must hold a JSON object, not {type(parsed).__name__}; fix or regenerate config.json")
+    if parsed.get("quantization_config") is not None and not isinstance(parsed["quantization_config"], dict):
+        raise ConfigError(
+            f"config.json: quantization_config must be an object with a 'quant_method', not "
+            f"{parsed['quantization_config']!r}; fix it in {path}"
+        )
+    # False is the only value qcore supports, so it is accepted and dropped rather than passed to the model class.
+    if model_kwargs.pop("trust_remote_code", False):
         raise ConfigError("qcore never runs a checkpoint's own code: trust_remote_code is not supported")
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=False)
-    except (ValueError, KeyError, TypeError, OSError) as error:
-        raise ConfigError(f"{path}: not a usable transformers config ({error})") from None
+    except Exception as error:  # transformers and huggingface_hub validate with exception types sharing no base
+        raise ConfigError(
+            f"{path}: not a usable transformers config ({type(error).__name__}: {error}); fix the field it names or "
+            f"regenerate config.json"
+        ) from None
 
 
 def _resolve_spec(model_config, user: Any) -> tuple[Recipe | None, bool]:
@@ -267,7 +309,10 @@ def _resolve_spec(model_config, user: Any) -> tuple[Recipe | None, bool]:
     user_spec = _as_recipe(user) if user is not None else None
     if stored is None:
         return user_spec, False
-    stored_spec = _as_recipe(dict(stored))
+    try:
+        stored_spec = _as_recipe(dict(stored))
+    except ConfigError as error:
+        raise ConfigError(f"config.json quantization_config: {error}") from None
     if user_spec is None:
         return stored_spec, True
     if user_spec.rules or len(stored_spec.configs()) != 1 or user_spec.default is None:
@@ -314,7 +359,7 @@ def _build_skeleton(model_class: type | None, model_config, dtype: torch.dtype, 
         names = getattr(model_config, "architectures", None) or []
         model_class = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
         if model_class is None:
-            model_class = transformers.AutoModel._model_mapping.get(type(model_config))  # type: ignore[attr-defined]
+            model_class = transformers.AutoModel._model_mapping.get(type(model_config), None)  # type: ignore[attr-defined]
         if model_class is None:
             raise ConfigError(
                 f"config.json names architectures {names}, none of which transformers "
@@ -322,7 +367,7 @@ def _build_skeleton(model_class: type | None, model_config, dtype: torch.dtype, 
             )
     # Parameters go to meta (no memory); buffers stay real so the ones computed in __init__ (RoPE frequencies)
     # need no re-initialisation after loading.
-    with init_empty_weights(include_buffers=False):
+    with _LOAD_LOCK, init_empty_weights(include_buffers=False):
         return model_class._from_config(model_config, dtype=dtype, **model_kwargs)
 
 
@@ -486,18 +531,30 @@ def _check_memory(model, applied, device_map, dtype, context: LoadContext) -> No
             free = psutil.virtual_memory().available
         if nbytes > free:
             raise InsufficientMemory(
-                f"the model needs about {nbytes / 2**30:.2f} GiB on {device} but only {free / 2**30:.2f} GiB is free; "
-                f"choose a smaller preset, spread it with device_map='auto', or pass check_memory=False to try anyway"
+                f"the model needs about {_size(nbytes)} on {device} but only {_size(free)} is free; choose a smaller "
+                f"preset, spread it with device_map='auto', or pass check_memory=False to try anyway",
+                device=device,
+                needed=nbytes,
+                available=free,
             )
+
+
+def _size(nbytes: int) -> str:
+    """Bytes in the largest binary unit that keeps a number >= 1, e.g. ``"1.50 GiB"``."""
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= factor:
+            return f"{nbytes / factor:.2f} {unit}"
+    return f"{nbytes} bytes"
 
 
 # -- phase 4: streaming -----------------------------------------------------------------------------------------
 
 
-def _stream(model, reader: CheckpointReader, keys: _KeyMapper, owner_of, context: LoadContext, progress) -> list[str]:
+def _stream(model, reader: CheckpointReader, keys: _KeyMapper, owner_of, context: LoadContext, progress, skip=()) -> list[str]:
     unexpected = []
-    total = len(reader.tensors)
-    for done, (key, tensor) in enumerate(reader.stream(), start=1):
+    total = len(reader.tensors) - len(skip)
+    wanted = set(reader.tensors) - set(skip) if skip else None
+    for done, (key, tensor) in enumerate(reader.stream(wanted), start=1):
         split = keys.split(key)
         if split is None:
             unexpected.append(key)
@@ -512,6 +569,11 @@ def _stream(model, reader: CheckpointReader, keys: _KeyMapper, owner_of, context
                 config=unit.config, context=unit.context, model=model,
                 module_name=module_name, tensor_name=tensor_name, tensor=tensor,
             )  # fmt: skip
+            if result is not None and not isinstance(result, Mapping):
+                raise PluginError(
+                    unit.name, "load_weight", f"{module_name}.{tensor_name}",
+                    TypeError(f"returned {type(result).__name__}, not a dict of attributes or None"),
+                )  # fmt: skip
         if result is None:
             if not _place_plain(module, tensor_name, tensor, context.device_for(module_name), reader, key):
                 unexpected.append(key)
@@ -522,6 +584,48 @@ def _stream(model, reader: CheckpointReader, keys: _KeyMapper, owner_of, context
         if progress is not None:
             progress(done, total, key)
     return unexpected
+
+
+_FLOATING = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E8M0"})
+
+
+def _check_fit(model: nn.Module, keys: _KeyMapper, reader: CheckpointReader, owned: set[str], pre_quantized: bool) -> set[str]:
+    """Check every checkpoint tensor against the skeleton, from headers alone, before any weight is read.
+
+    Raises :class:`CheckpointError` for a tensor whose shape or kind (floating or not) does not fit its slot, and
+    returns the keys with no slot at all (unexpected), which are then neither read nor handed to a backend. The
+    stored tensors of a pre-quantized module are the backend's own form, so only it can judge them.
+    """
+    no_place = set()
+    for key, info in reader.tensors.items():
+        split = keys.split(key)
+        if split is None:
+            no_place.add(key)
+            continue
+        module_name, name = split
+        if pre_quantized and module_name in owned:
+            continue
+        module = keys.modules[module_name]
+        if "." in name or (name not in module._parameters and name not in module._buffers):
+            no_place.add(key)
+            continue
+        current = module._parameters[name] if name in module._parameters else module._buffers[name]
+        if current is None:
+            continue
+        if tuple(current.shape) != info.shape:
+            raise CheckpointError(
+                f"shape {info.shape} does not fit the model's {tuple(current.shape)}; the checkpoint belongs to "
+                f"another model or config.json does not match the weights",
+                file=str(info.file),
+                tensor=key,
+            )
+        if current.is_floating_point() != (info.dtype in _FLOATING):
+            raise CheckpointError(
+                f"dtype {info.dtype} does not fit the model's {current.dtype}; the checkpoint is not for this model",
+                file=str(info.file),
+                tensor=key,
+            )
+    return no_place
 
 
 def _place_plain(module: nn.Module, name: str, tensor: torch.Tensor, device, reader, key: str) -> bool:

@@ -17,8 +17,8 @@ import errno
 import json
 import os
 import re
-import shutil
 import secrets
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -59,6 +59,8 @@ def save_pretrained(
     staging = _make_staging(target)
     try:
         _write_shards(tensors, staging, limit)
+        # As transformers does: record the class, so a reload builds the model with its head, not the bare base.
+        model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(staging)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():
@@ -74,8 +76,8 @@ def save_pretrained(
 # -- staging -----------------------------------------------------------------------------------------------
 
 
-def _staging_prefix(target: Path, pid: int | None = None) -> str:
-    return f".{target.name}.{socket.gethostname()}-{os.getpid() if pid is None else pid}."
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.{socket.gethostname()}-{os.getpid()}."
 
 
 def _make_staging(target: Path) -> Path:
@@ -112,8 +114,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # exists, owned by someone else
-        return True
+    except PermissionError:  # exists, owned by another user
+        pass
     return True
 
 

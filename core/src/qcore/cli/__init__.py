@@ -15,7 +15,8 @@ from typing import Any
 
 import click
 
-from qcore.cli import demo, generate, inspection, listing, memory, quantize
+from qcore.cli import authoring, demo, generate, inspection, listing, memory, quantize
+from qcore.cli.output import configure_logging
 from qcore.errors import QcoreError
 
 __all__ = ["cli", "main"]
@@ -61,7 +62,7 @@ class _QcoreGroup(click.Group):
         return code
 
 
-@click.group(cls=_QcoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("qcore", cls=_QcoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show the full traceback of a failure instead of a one-line error.")
 @click.version_option(package_name="qcore")
 def cli(debug: bool) -> None:
@@ -70,6 +71,7 @@ def cli(debug: bool) -> None:
     Start with 'qcore backends' to see what is installed, or 'qcore demo' to try every backend on a small random
     model without downloading anything.
     """
+    configure_logging(debug)
 
 
 for _command in (
@@ -80,6 +82,7 @@ for _command in (
     memory.estimate,
     memory.recommend,
     demo.demo,
+    authoring.new_backend,
 ):
     cli.add_command(_command)
 

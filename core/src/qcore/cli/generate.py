@@ -25,8 +25,16 @@ __all__ = ["generate"]
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @dtype_option
 @device_option
-def generate(path: str, preset: str | None, config_text: str | None, recipe: Path | None, prompt: str,
-             max_new_tokens: int, dtype: str, device: str) -> None:  # fmt: skip
+def generate(
+    path: str,
+    preset: str | None,
+    config_text: str | None,
+    recipe: Path | None,
+    prompt: str,
+    max_new_tokens: int,
+    dtype: str,
+    device: str,
+) -> None:
     """Continue --prompt with the model at PATH_OR_HUB_ID, streaming the text as it is generated.
 
     A full-precision checkpoint is quantized while loading when --preset, --config or --recipe is given; a

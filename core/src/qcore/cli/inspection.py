@@ -64,7 +64,11 @@ def _quantization(stored: Mapping[str, Any]) -> dict[str, Any]:
 
     method = stored.get("quant_method")
     if method == RECIPE_METHOD:
-        parts = [*stored.get("configs", []), *(rule.get("config") for rule in stored.get("rules", [])), stored.get("default")]
+        parts = [
+            *stored.get("configs", []),
+            *(rule.get("config") for rule in stored.get("rules", [])),
+            stored.get("default"),
+        ]
         methods = list(dict.fromkeys(part["quant_method"] for part in parts if isinstance(part, Mapping)))
     else:
         methods = [method]
@@ -125,7 +129,13 @@ def _group_tensors(tensors: Mapping[str, Any], model: Any) -> list[dict[str, Any
         group["dtypes"].add(info.dtype)
         group["modules"].add(module_name)
     rows = [
-        {"kind": kind, "modules": len(g["modules"]), "tensors": g["tensors"], "nbytes": g["nbytes"], "dtypes": sorted(g["dtypes"])}
+        {
+            "kind": kind,
+            "modules": len(g["modules"]),
+            "tensors": g["tensors"],
+            "nbytes": g["nbytes"],
+            "dtypes": sorted(g["dtypes"]),
+        }
         for kind, g in groups.items()
     ]
     return sorted(rows, key=lambda row: -row["nbytes"])
@@ -159,13 +169,23 @@ def _print_report(report: dict[str, Any]) -> None:
     console.print(facts)
 
     table = Table(title="bytes per module kind")
-    for column, justify in (("module", "left"), ("count", "right"), ("tensors", "right"), ("dtypes", "left"),
-                            ("size", "right"), ("share", "right")):  # fmt: skip
+    for column, justify in (
+        ("module", "left"),
+        ("count", "right"),
+        ("tensors", "right"),
+        ("dtypes", "left"),
+        ("size", "right"),
+        ("share", "right"),
+    ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     total = report["total_nbytes"] or 1
     for row in report["modules"]:
         table.add_row(
-            escape(row["kind"]), str(row["modules"]), str(row["tensors"]), ", ".join(row["dtypes"]),
-            format_bytes(row["nbytes"]), f"{100 * row['nbytes'] / total:.1f}%",
-        )  # fmt: skip
+            escape(row["kind"]),
+            str(row["modules"]),
+            str(row["tensors"]),
+            ", ".join(row["dtypes"]),
+            format_bytes(row["nbytes"]),
+            f"{100 * row['nbytes'] / total:.1f}%",
+        )
     console.print(table)

@@ -38,8 +38,10 @@ def backends(as_json: bool) -> None:
     console = stdout()
     if not infos:
         packages = ", ".join(sorted(set(plugins.KNOWN_PLUGINS.values())))
-        console.print(f"No qcore backend is installed. Install one, e.g. pip install {packages.split(', ')[0]} "
-                      f"(known backends: {packages}).")  # fmt: skip
+        console.print(
+            f"No qcore backend is installed. Install one, e.g. pip install {packages.split(', ')[0]} "
+            f"(known backends: {packages})."
+        )
         return
     table = Table(title="qcore backends")
     for column in ("backend", "package", "methods", "presets", "status"):

@@ -68,7 +68,9 @@ def _size_presets(model_plan: Any, names: list[str] | None) -> list[_Sized]:
     for name in names if names is not None else list(presets):
         backend, preset = presets[name]
         config = QuantConfig.from_dict(dict(preset.config))
-        sized.append(_Sized(preset, backend, available.get(backend, False), config.short_name(), model_plan.nbytes(config)))
+        sized.append(
+            _Sized(preset, backend, available.get(backend, False), config.short_name(), model_plan.nbytes(config))
+        )
     return sized
 
 
@@ -77,15 +79,20 @@ def _size_presets(model_plan: Any, names: list[str] | None) -> list[_Sized]:
 
 @click.command()
 @click.argument("source", metavar="PATH_OR_HUB_ID")
-@click.option("--preset", "preset_names", multiple=True, metavar="NAME",
-              help="Preset to size; repeat it (or separate names with commas). Default: every installed preset.")  # fmt: skip
+@click.option(
+    "--preset",
+    "preset_names",
+    multiple=True,
+    metavar="NAME",
+    help="Preset to size; repeat it (or separate names with commas). Default: every installed preset.",
+)
 @dtype_option
 @json_option
 def estimate(source: str, preset_names: tuple[str, ...], dtype: str, as_json: bool) -> None:
     """Memory the model at PATH_OR_HUB_ID would take under each preset, next to full precision.
 
-    Computed from config.json alone (nothing else is downloaded): the weights and buffers the loaded model holds,
-    as model.get_memory_footprint() will report it. Activations and the KV cache come on top.
+    Computed from config.json alone (nothing else is downloaded): the weights, buffers and quantization
+    statistics the loaded model will hold. Activations and the KV cache come on top.
     """
     names = [name.strip() for item in preset_names for name in item.split(",") if name.strip()] or None
     model_plan = _plan(source, dtype)
@@ -93,27 +100,37 @@ def estimate(source: str, preset_names: tuple[str, ...], dtype: str, as_json: bo
     sized = _size_presets(model_plan, names)
     dtype_name = str(model_plan.dtype).removeprefix("torch.")
     if as_json:
-        print_json({
-            "model": source,
-            "dtype": dtype_name,
-            "parameters": model_plan.parameter_count(),
-            "full_precision_nbytes": full_precision,
-            "presets": [row.to_dict(full_precision) for row in sized],
-        })  # fmt: skip
+        print_json(
+            {
+                "model": source,
+                "dtype": dtype_name,
+                "parameters": model_plan.parameter_count(),
+                "full_precision_nbytes": full_precision,
+                "presets": [row.to_dict(full_precision) for row in sized],
+            }
+        )
         return
     from rich.table import Table
 
     table = Table(title=escape(f"estimated memory of {source}"))
-    for column, justify in (("preset", "left"), ("backend", "left"), ("method", "left"), ("size", "right"),
-                            ("of full precision", "right")):  # fmt: skip
+    for column, justify in (
+        ("preset", "left"),
+        ("backend", "left"),
+        ("method", "left"),
+        ("size", "right"),
+        ("vs full", "right"),
+    ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     table.add_row(f"full precision ({dtype_name})", "", "", format_bytes(full_precision), "100%", style="bold")
     for row in sized:
         note = "" if row.available else " [red](backend unavailable)[/]"
         table.add_row(
-            escape(row.preset.name) + note, escape(row.backend), escape(row.method), format_bytes(row.nbytes),
+            escape(row.preset.name) + note,
+            escape(row.backend),
+            escape(row.method),
+            format_bytes(row.nbytes),
             f"{100 * row.nbytes / full_precision:.0f}%",
-        )  # fmt: skip
+        )
     stdout().print(table)
     if not sized:
         stdout().print("No preset is installed; 'qcore backends' says how to install a backend.")
@@ -131,12 +148,26 @@ _GOALS = {
 
 @click.command()
 @click.argument("source", metavar="PATH_OR_HUB_ID")
-@click.option("--memory", "budget", type=ByteSize(), required=True,
-              help="Memory the weights may take: 8GB and 512MB are decimal, 8GiB binary.")  # fmt: skip
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
-              help="The device the model will run on. Default: cuda when one is visible, else cpu.")  # fmt: skip
-@click.option("--goal", type=click.Choice(sorted(_GOALS)), default="quality", show_default=True,
-              help="quality: most bits that fit; speed: a fast kernel on the device first; finetune: LoRA-trainable first.")  # fmt: skip
+@click.option(
+    "--memory",
+    "budget",
+    type=ByteSize(),
+    required=True,
+    help="Memory the weights may take: 8GB and 512MB are decimal, 8GiB binary.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default=None,
+    help="The device the model will run on. Default: cuda when one is visible, else cpu.",
+)
+@click.option(
+    "--goal",
+    type=click.Choice(sorted(_GOALS)),
+    default="quality",
+    show_default=True,
+    help="quality: most bits that fit; speed: a fast kernel on the device first; finetune: LoRA-trainable first.",
+)
 @dtype_option
 @json_option
 def recommend(source: str, budget: int, device: str | None, goal: str, dtype: str, as_json: bool) -> None:
@@ -160,16 +191,28 @@ def recommend(source: str, budget: int, device: str | None, goal: str, dtype: st
     too_big = sorted((row for row in candidates if row.nbytes > budget), key=lambda row: row.nbytes)
 
     if as_json:
-        print_json({
-            "model": source, "memory": budget, "device": device, "goal": goal,
-            "full_precision_nbytes": full_precision, "full_precision_fits": full_precision <= budget,
-            "presets": [
-                {**row.to_dict(full_precision), "rank": rank, "fits": rank is not None,
-                 "fast_on_device": device in row.preset.fast_on, "trainable": row.preset.trainable,
-                 "needs_calibration": row.preset.needs_calibration, "summary": row.preset.summary}
-                for rank, row in [*enumerate(fitting, start=1), *((None, row) for row in too_big)]
-            ],
-        })  # fmt: skip
+        print_json(
+            {
+                "model": source,
+                "memory": budget,
+                "device": device,
+                "goal": goal,
+                "full_precision_nbytes": full_precision,
+                "full_precision_fits": full_precision <= budget,
+                "presets": [
+                    {
+                        **row.to_dict(full_precision),
+                        "rank": rank,
+                        "fits": rank is not None,
+                        "fast_on_device": device in row.preset.fast_on,
+                        "trainable": row.preset.trainable,
+                        "needs_calibration": row.preset.needs_calibration,
+                        "summary": row.preset.summary,
+                    }
+                    for rank, row in [*enumerate(fitting, start=1), *((None, row) for row in too_big)]
+                ],
+            }
+        )
     else:
         _print_recommendation(source, budget, device, goal, full_precision, fitting, too_big)
     if not fitting:
@@ -189,8 +232,9 @@ def _trade_off(row: _Sized, device: str) -> str:
     return "; ".join(parts)
 
 
-def _print_recommendation(source: str, budget: int, device: str, goal: str, full_precision: int,
-                          fitting: list[_Sized], too_big: list[_Sized]) -> None:  # fmt: skip
+def _print_recommendation(
+    source: str, budget: int, device: str, goal: str, full_precision: int, fitting: list[_Sized], too_big: list[_Sized]
+) -> None:
     from rich.table import Table
 
     table = Table(title=escape(f"{source} in {format_bytes(budget)} on {device}, best for {goal}"))
@@ -203,5 +247,7 @@ def _print_recommendation(source: str, budget: int, device: str, goal: str, full
     console = stdout()
     console.print(table)
     fits = "fits" if full_precision <= budget else "does not fit"
-    console.print(f"Full precision takes {format_bytes(full_precision)} and {fits}. "
-                  f"Sizes are weights only: leave room for activations and the KV cache.")  # fmt: skip
+    console.print(
+        f"Full precision takes {format_bytes(full_precision)} and {fits}. "
+        f"Sizes are weights only: leave room for activations and the KV cache."
+    )

@@ -32,13 +32,16 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 def quantization_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Add --preset, --config and --recipe (at most one may be given; see :func:`resolve_quantization`)."""
     f = click.option(
-        "--recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        "--recipe",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
         help='JSON file of per-module rules: {"rules": [{"pattern": "*.mlp.*", "config": {...}}], "default": {...}}.',
-    )(f)  # fmt: skip
+    )(f)
     f = click.option(
-        "--config", "config_text", metavar="FILE_OR_JSON",
+        "--config",
+        "config_text",
+        metavar="FILE_OR_JSON",
         help='A quantization config as transformers writes it, inline or in a file: \'{"quant_method": "hqq"}\'.',
-    )(f)  # fmt: skip
+    )(f)
     f = click.option("--preset", metavar="NAME", help="A preset name ('qcore backends' lists them), e.g. bnb-nf4.")(f)
     return f
 
@@ -96,9 +99,12 @@ def _json_argument(text: str, option: str) -> Any:
 
 def dtype_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
-        "--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+        "--dtype",
+        type=click.Choice(DTYPES),
+        default="auto",
+        show_default=True,
         help="dtype of the weights kept in full precision; auto takes the checkpoint's.",
-    )(f)  # fmt: skip
+    )(f)
 
 
 def resolve_dtype(dtype: str) -> str | None:
@@ -108,9 +114,11 @@ def resolve_dtype(dtype: str) -> str | None:
 
 def device_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
-        "--device", default="cpu", show_default=True,
+        "--device",
+        default="cpu",
+        show_default=True,
         help="Where to load the model: cpu, cuda, cuda:1, or auto to spread it over the GPUs and CPU.",
-    )(f)  # fmt: skip
+    )(f)
 
 
 def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -128,9 +136,17 @@ class ByteSize(click.ParamType):
 
     name = "SIZE"
     _UNITS = {
-        "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-        "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-    }  # fmt: skip
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):

@@ -15,15 +15,23 @@ from typing import Any
 import click
 
 from qcore.cli.options import device_option, dtype_option, quantization_options, resolve_dtype, resolve_quantization
-from qcore.cli.output import escape, format_bytes, format_seconds, method_names, stderr, stdout
+from qcore.cli.output import escape, format_bytes, format_seconds, held_nbytes, method_names, stderr, stdout
 
 __all__ = ["quantize", "copy_tokenizer", "TensorProgress"]
 
 #: Files of a tokenizer, as transformers' tokenizers save them (fast, sentencepiece, BPE and WordPiece vocabularies).
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
-    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
-)  # fmt: skip
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 @click.command()
@@ -33,8 +41,16 @@ TOKENIZER_FILES = (
 @dtype_option
 @device_option
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
-def quantize(src: str, out: Path, preset: str | None, config_text: str | None, recipe: Path | None, dtype: str,
-             device: str, overwrite: bool) -> None:  # fmt: skip
+def quantize(
+    src: str,
+    out: Path,
+    preset: str | None,
+    config_text: str | None,
+    recipe: Path | None,
+    dtype: str,
+    device: str,
+    overwrite: bool,
+) -> None:
     """Quantize SRC (a checkpoint directory or hub id) and save it to OUT.
 
     Exactly one of --preset, --config or --recipe says how. OUT loads back with qcore.from_pretrained(OUT) (and,
@@ -42,6 +58,7 @@ def quantize(src: str, out: Path, preset: str | None, config_text: str | None, r
     """
     import qcore
     from qcore.checkpoint import CheckpointReader
+    from qcore.loading import from_pretrained  # imports torch and transformers now, outside the timed load
 
     config = resolve_quantization(preset, config_text, recipe, required=True)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -50,7 +67,7 @@ def quantize(src: str, out: Path, preset: str | None, config_text: str | None, r
 
     started = time.perf_counter()
     with TensorProgress("quantizing") as progress:
-        model = qcore.from_pretrained(src, config, dtype=resolve_dtype(dtype), device_map=device, progress=progress)
+        model = from_pretrained(src, config, dtype=resolve_dtype(dtype), device_map=device, progress=progress)
     loaded = time.perf_counter()
     qcore.save_pretrained(model, out, overwrite=overwrite)
     saved = time.perf_counter()
@@ -61,8 +78,9 @@ def quantize(src: str, out: Path, preset: str | None, config_text: str | None, r
     _print_summary(model, src, out, before, after, loaded - started, saved - loaded, copied)
 
 
-def _print_summary(model: Any, src: str, out: Path, before: int, after: int, load_s: float, save_s: float,
-                   tokenizer: list[str]) -> None:  # fmt: skip
+def _print_summary(
+    model: Any, src: str, out: Path, before: int, after: int, load_s: float, save_s: float, tokenizer: list[str]
+) -> None:
     from rich.table import Table
 
     applied = getattr(model, "qcore_applied", {})
@@ -75,8 +93,10 @@ def _print_summary(model: Any, src: str, out: Path, before: int, after: int, loa
     summary.add_row("method", escape(methods + (f" (kernels {kernels})" if kernels else "")))
     summary.add_row("modules", f"{len(applied)} quantized")
     ratio = f" ({before / after:.2f}x smaller)" if after else ""
-    summary.add_row("size", f"{format_bytes(before)} -> {format_bytes(after)} on disk{ratio}; "
-                            f"{format_bytes(model.get_memory_footprint())} in memory")  # fmt: skip
+    summary.add_row(
+        "size",
+        f"{format_bytes(before)} -> {format_bytes(after)} on disk{ratio}; {format_bytes(held_nbytes(model))} in memory",
+    )
     summary.add_row("time", f"load and quantize {format_seconds(load_s)}, save {format_seconds(save_s)}")
     summary.add_row("tokenizer", "copied" if tokenizer else "none in the source ('qcore generate' will need one)")
     stdout().print(summary)
@@ -96,15 +116,27 @@ class TensorProgress:
     """A progress bar with ETA over the checkpoint's tensors, fed by ``from_pretrained(progress=...)``."""
 
     def __init__(self, description: str):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.description = description
         self.task: Any = None
         self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("[dim]{task.fields[tensor]}"),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("[dim]{task.fields[tensor]}"),
             console=stderr(),
-        )  # fmt: skip
+        )
 
     def __enter__(self) -> TensorProgress:
         self.bar.start()
