@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny checkpoints (built once per session) and the test-only backend."""
+"""Shared fixtures: tiny checkpoints (built once per session), the test-only backend, and CONTRIBUTING.md's
+checklist run once for the tests of the backend template and of the checklist itself."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import checklist  # noqa: E402
 import tiny_models  # noqa: E402
 import toy_backend  # noqa: E402
 
@@ -35,3 +37,9 @@ def toy():
     toy_backend.CALLS.clear()
     yield plugin
     qcore.unregister_plugin("toy")
+
+
+@pytest.fixture(scope="session")
+def checklist_run(tmp_path_factory) -> checklist.ChecklistRun:
+    """CONTRIBUTING.md's "Adding a backend" commands, run as written on a freshly generated backend package."""
+    return checklist.run(tmp_path_factory.mktemp("checklist"))

@@ -88,7 +88,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if metadata is None:
         metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CheckpointError("__metadata__ must map strings to strings; the file is corrupt", file=str(path))
+        raise CheckpointError(
+            "__metadata__ must map strings to strings; the file is corrupt: download it again", file=str(path)
+        )
     data_len = size - 8 - header_len
     infos = {name: _tensor_info(path, name, entry, data_len) for name, entry in header.items()}
     _check_layout(path, header, data_len)
@@ -126,12 +128,18 @@ def _parse_json(path: Path, raw: bytes) -> Any:
         reason = "it is nested too deeply"
     except ValueError as error:  # JSONDecodeError and _NotStrictJSON
         reason = str(error)
-    raise CheckpointError(f"header is not valid JSON ({reason}); the file is corrupt: download it again", file=str(path))
+    raise CheckpointError(
+        f"header is not valid JSON ({reason}); the file is corrupt: download it again", file=str(path)
+    )
 
 
 def _tensor_info(path: Path, name: str, entry: Any, data_len: int) -> TensorInfo:
     def fail(message: str) -> CheckpointError:
-        return CheckpointError(f"{message}; the file is corrupt or was written by a broken tool", file=str(path), tensor=name)
+        return CheckpointError(
+            f"{message}; the file is corrupt or was written by a broken tool: download it again (or export it again)",
+            file=str(path),
+            tensor=name,
+        )
 
     if not isinstance(entry, dict):
         raise fail("header entry is not an object")
@@ -151,7 +159,7 @@ def _tensor_info(path: Path, name: str, entry: Any, data_len: int) -> TensorInfo
         raise fail(f"shape {shape} of {dtype} has more bits than a 64-bit size can count")
     begin, end = offsets
     if not begin <= end <= data_len:
-        raise fail(f"data_offsets {offsets} out of range of the {data_len}-byte data section")
+        raise fail(f"data_offsets {offsets} out of range of the {data_len}-byte data section (a truncated file?)")
     info = TensorInfo(name, path, dtype, tuple(shape))
     if end - begin != info.nbytes:
         raise fail(f"data_offsets span {end - begin} bytes but {dtype} x {shape} needs {info.nbytes}")
@@ -172,17 +180,21 @@ def _check_layout(path: Path, header: dict[str, Any], data_len: int) -> None:
     covered, previous = 0, None
     for (begin, end), name in spans:
         if begin < covered:
-            raise CheckpointError(f"overlaps tensor {previous!r}; the file is corrupt", file=str(path), tensor=name)
+            raise CheckpointError(
+                f"overlaps tensor {previous!r}; the file is corrupt: download it again", file=str(path), tensor=name
+            )
         if begin > covered:
             raise CheckpointError(
-                f"leaves bytes {covered}..{begin} of the data section unused before it; the file is corrupt",
+                f"leaves bytes {covered}..{begin} of the data section unused before it; the file is corrupt: "
+                f"download it again",
                 file=str(path),
                 tensor=name,
             )
         covered, previous = end, name
     if covered != data_len:
         raise CheckpointError(
-            f"the data section has {data_len - covered} bytes past the last tensor; the file is truncated or corrupt",
+            f"the data section has {data_len - covered} bytes past the last tensor; the file is corrupt: "
+            f"download it again",
             file=str(path),
         )
 
@@ -232,7 +244,7 @@ class CheckpointReader:
             raise CheckpointError(
                 f"not a valid shard index ({type(error).__name__}: {error}); download it again", file=str(index)
             ) from None
-        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
             raise CheckpointError(
                 "weight_map must map tensor names to shard file names (and list at least one); download it again",
                 file=str(index),
@@ -366,11 +378,18 @@ def _torch_load(file: Path) -> dict[str, Any]:
         # mmap keeps only the tensor in hand resident; files in torch's legacy (pre-1.6) format cannot be mapped.
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # Only torch's one-line diagnosis is kept: the rest of its message suggests weights_only=False.
+        detail = str(error).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or type(error).__name__
+        if "global" in detail.lower():
+            raise CheckpointError(
+                f"refused by torch.load(weights_only=True): the pickle asks to import and call code, not just to "
+                f"rebuild tensors ({detail}). qcore never runs it, even with allow_pickle=True; ask the publisher for "
+                f"safetensors weights",
+                file=str(file),
+            ) from None
         raise CheckpointError(
-            f"refused by torch.load(weights_only=True): the pickle asks to run code or build objects other than "
-            f"tensors ({first_line}). qcore never unpickles such a file, even with allow_pickle=True; ask its "
-            f"publisher for safetensors weights",
+            f"cannot be read by torch.load(weights_only=True) ({detail}); the file is corrupt or not a PyTorch "
+            f"checkpoint: download it again or convert it to safetensors",
             file=str(file),
         ) from None
     except Exception as error:  # an untrusted file can break torch.load in many ways; report each as corrupt

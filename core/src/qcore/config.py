@@ -65,9 +65,7 @@ class QuantConfig:
             return config_class_for(method).from_dict(data)
         if data.get("quant_method", cls.quant_method) != cls.quant_method:
             raise ConfigError(f"{cls.__name__} serves quant_method {cls.quant_method!r}, got {data['quant_method']!r}")
-        config = cls(**cls._typed_fields(data))
-        config.check()
-        return config
+        return cls(**cls._typed_fields(data))
 
     @classmethod
     def _typed_fields(cls, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -89,8 +87,15 @@ class QuantConfig:
             values[name] = value
         return values
 
+    def __post_init__(self) -> None:
+        # Checked on construction, so a config built in code is held to the same ranges as one parsed from a dict.
+        self.check()
+
     def check(self) -> None:
-        """Raise :class:`ConfigError` naming the field when a value is out of range. Override to add checks."""
+        """Raise :class:`ConfigError` naming the field when a value is out of range. Override to add checks.
+
+        Called on construction; a subclass that defines ``__post_init__`` must call ``super().__post_init__()``.
+        """
 
     # -- writing ---------------------------------------------------------------------------------------
 
@@ -110,7 +115,11 @@ class QuantConfig:
                 f"the checkpoint is quantized with {self.quant_method!r} but the given config is "
                 f"{user.quant_method!r}; load it without a quantization_config, or from a full-precision checkpoint"
             )
-        overrides = {name: getattr(user, name) for name in self.loading_attributes}
+        # Only what the user set: a field left at its default must not reset the checkpoint's value.
+        defaults = {f.name: f.default for f in dataclasses.fields(user)}
+        overrides = {
+            name: getattr(user, name) for name in self.loading_attributes if getattr(user, name) != defaults.get(name)
+        }
         return dataclasses.replace(self, **overrides)
 
     # -- what the core asks of a config ----------------------------------------------------------------

@@ -161,7 +161,8 @@ def load_weight(
         soon as this hook returns, so a backend that does not keep it lets it be freed at once.
     :returns: ``{attribute_name: value}`` to set on the module (parameters or buffers, already on their device; an
         empty dict when the tensor was consumed but nothing is ready yet, e.g. a statistic waiting for its weight), or
-        ``None`` to let the core place the tensor as it is.
+        ``None`` to let the core place the tensor as it is: cast to the dtype of the module's slot in the skeleton
+        (``context.dtype``, or float32 for modules the model keeps in float32) and moved to its device.
 
     Implementing in a backend: required for a backend that quantizes. Do not keep references to full-precision
     tensors beyond the call (peak memory depends on it); do the quantization on the target device when it is a GPU.

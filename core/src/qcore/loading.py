@@ -110,7 +110,8 @@ def from_pretrained(
     dtype = _resolve_dtype(dtype, model_config)
 
     # Phase 1: validate every (backend, config) before a single weight is read or downloaded.
-    context = LoadContext(source, model_config, pre_quantized, dtype, {}, None)  # type: ignore[arg-type]
+    requested_map = dict(device_map) if isinstance(device_map, Mapping) else {"": device_map} if device_map is not None else {}
+    context = LoadContext(source, model_config, pre_quantized, dtype, requested_map, None)  # type: ignore[arg-type]
     configs = spec.configs() if spec is not None else []
     for config in configs:
         registered = plugins.ensure_available(config.quant_method)
@@ -135,7 +136,8 @@ def from_pretrained(
         new_map = _run("update_device_map", unit.registered, None, config=unit.config, context=unit.context, device_map=dict(device_map))
         new_map = _first(new_map)
         if new_map is not None and not isinstance(new_map, Mapping):
-            raise PluginError(unit.name, "update_device_map", None, TypeError(f"returned {type(new_map).__name__}, not a dict or None"))
+            wrong = TypeError(f"returned {type(new_map).__name__}, not a dict or None")
+            raise PluginError(unit.name, "update_device_map", None, wrong)
         device_map = new_map or device_map
     _check_device_map(device_map)
     for unit in units:
@@ -281,9 +283,11 @@ def _read_model_config(source: Path, model_kwargs: dict[str, Any]):
     try:
         parsed = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as error:  # RecursionError: nested too deeply for the parser
-        raise ConfigError(f"{path}: invalid JSON ({type(error).__name__}: {error}); fix or regenerate config.json") from None
+        reason = f"{type(error).__name__}: {error}"
+        raise ConfigError(f"{path}: invalid JSON ({reason}); fix or regenerate config.json") from None
     if not isinstance(parsed, dict):
-        raise ConfigError(f"{path}: must hold a JSON object, not {type(parsed).__name__}; fix or regenerate config.json")
+        kind = type(parsed).__name__
+        raise ConfigError(f"{path}: must hold a JSON object, not {kind}; fix or regenerate config.json")
     if parsed.get("quantization_config") is not None and not isinstance(parsed["quantization_config"], dict):
         raise ConfigError(
             f"config.json: quantization_config must be an object with a 'quant_method', not "
@@ -550,10 +554,12 @@ def _size(nbytes: int) -> str:
 # -- phase 4: streaming -----------------------------------------------------------------------------------------
 
 
-def _stream(model, reader: CheckpointReader, keys: _KeyMapper, owner_of, context: LoadContext, progress, skip=()) -> list[str]:
+def _stream(
+    model, reader: CheckpointReader, keys: _KeyMapper, owner_of, context: LoadContext, progress, skip: set[str]
+) -> list[str]:
     unexpected = []
     total = len(reader.tensors) - len(skip)
-    wanted = set(reader.tensors) - set(skip) if skip else None
+    wanted = set(reader.tensors) - skip if skip else None  # tensors with no place are never read
     for done, (key, tensor) in enumerate(reader.stream(wanted), start=1):
         split = keys.split(key)
         if split is None:
@@ -589,7 +595,9 @@ def _stream(model, reader: CheckpointReader, keys: _KeyMapper, owner_of, context
 _FLOATING = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E8M0"})
 
 
-def _check_fit(model: nn.Module, keys: _KeyMapper, reader: CheckpointReader, owned: set[str], pre_quantized: bool) -> set[str]:
+def _check_fit(
+    model: nn.Module, keys: _KeyMapper, reader: CheckpointReader, owned: set[str], pre_quantized: bool
+) -> set[str]:
     """Check every checkpoint tensor against the skeleton, from headers alone, before any weight is read.
 
     Raises :class:`CheckpointError` for a tensor whose shape or kind (floating or not) does not fit its slot, and

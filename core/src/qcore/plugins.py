@@ -101,12 +101,12 @@ def _load() -> _Registry:
         version = entry_point.dist.version if entry_point.dist else "?"
         if only and distribution not in only and entry_point.name not in only:
             continue
-        if entry_point.name in registry.registered:
-            continue
+        # Two distributions may pick the same entry-point name; keep both, the second under a qualified name.
+        plugin_name = entry_point.name if entry_point.name not in registry.registered else f"{distribution}:{entry_point.name}"
         try:
-            registry.add(entry_point.load(), entry_point.name, distribution, version)
+            registry.add(entry_point.load(), plugin_name, distribution, version)
         except Exception as error:  # a broken plugin must not stop the others
-            registry.broken[entry_point.name] = (distribution, f"{type(error).__name__}: {error}")
+            registry.broken[plugin_name] = (distribution, f"{type(error).__name__}: {error}")
             warnings.warn(f"qcore plugin {distribution} failed to load: {error}", stacklevel=2)
     manager.check_pending()
     return registry
@@ -138,11 +138,16 @@ def plugin_manager() -> pluggy.PluginManager:
     return _get().manager
 
 
-def register_plugin(plugin: Any, name: str | None = None, *, distribution: str | None = None) -> None:
-    """Register a plugin object (a module or an instance with hookimpls) by hand, e.g. an observer or a test backend."""
-    name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+def register_plugin(plugin: Any, name: str | None = None, *, distribution: str | None = None) -> str:
+    """Register a plugin object (a module or an instance with hookimpls) by hand, e.g. an observer or a test backend.
+
+    :returns: the name it is registered under (pass it to :func:`unregister_plugin`); by default the module's name,
+        or the class name and the object's id for an instance, so two instances of one class can be registered.
+    """
+    name = name or getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin):x}"
     _get().add(plugin, name, distribution or name, "0")
     _get().manager.check_pending()
+    return name
 
 
 def unregister_plugin(name: str) -> None:

@@ -60,9 +60,12 @@ class Recipe:
         recipe = cls(rules, data.get("default"))
         modules = data.get("modules")
         if modules is not None:
-            configs = [_config(c, f"configs[{i}]") for i, c in enumerate(data.get("configs", []))]
+            saved = data.get("configs", [])
+            if not isinstance(saved, list):
+                raise ConfigError("recipe field 'configs' must be a list of quantization configs")
+            configs = [_config(c, f"configs[{i}]") for i, c in enumerate(saved)]
             if not isinstance(modules, Mapping) or not all(
-                isinstance(i, int) and 0 <= i < len(configs) for i in modules.values()
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(configs) for i in modules.values()
             ):
                 raise ConfigError("recipe field 'modules' must map module names to indexes into 'configs'")
             recipe.modules = dict(modules)
@@ -136,8 +139,12 @@ def _rule(item: tuple[str, Any] | Mapping[str, Any]) -> Rule:
         if set(item) - {"pattern", "config"} or not isinstance(item.get("pattern"), str):
             raise ConfigError(f"recipe rule {dict(item)!r} must be {{'pattern': str, 'config': dict | null}}")
         pattern, config = item["pattern"], item.get("config")
-    else:
+    elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
         pattern, config = item
+    else:
+        raise ConfigError(
+            f"recipe rule {item!r} must be a (pattern, config) pair or {{'pattern': str, 'config': dict | null}}"
+        )
     if pattern.startswith("re:"):
         try:
             re.compile(pattern[3:])

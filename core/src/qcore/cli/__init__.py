@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from qcore.cli import authoring, demo, generate, inspection, listing, memory, quantize
+from qcore.cli import authoring, demo, generate, inspection, listing, memory, quantize, sensitivity
 from qcore.cli.output import configure_logging
 from qcore.errors import QcoreError
 
@@ -82,6 +82,7 @@ for _command in (
     memory.estimate,
     memory.recommend,
     demo.demo,
+    sensitivity.sensitivity,
     authoring.new_backend,
 ):
     cli.add_command(_command)

@@ -100,12 +100,12 @@ class BackendConformance:
     config: ClassVar[dict[str, Any]]
     #: The top-level module of the backend's library, whose absence ``validate`` must report.
     library: ClassVar[str | None] = None
-    #: The config field holding a user skip list (e.g. ``"llm_int8_skip_modules"``).
+    #: The config field holding a user skip list; by default the config class's own ``skip_field``.
     skip_field: ClassVar[str | None] = None
     #: Largest accepted ``max |logits - fp| / max |fp|`` against the full-precision model.
     tolerance: ClassVar[float] = 0.25
     #: Architectures (keys of ``qcore.testing.ARCHITECTURES``) quantized end to end; at least two.
-    architectures: ClassVar[tuple[str, ...]] = ("llama", "opt")
+    architectures: ClassVar[tuple[str, ...]] = ("llama", "opt", "gpt2")
     #: dtype the models are loaded in (a name: ``"bfloat16"``, ``"float16"``, ``"float32"``).
     dtype: ClassVar[str] = "bfloat16"
     #: Standard tests this backend is known to fail: name -> reason. They run as strict xfail.
@@ -277,15 +277,17 @@ class BackendConformance:
     def test_skip_list_is_honoured(self, checkpoints: dict[str, Path]) -> None:
         """Modules named in the config's skip list stay plain ``torch.nn.Linear``; the others are quantized.
 
-        Fix: ``skip_modules()`` must return the skip-list field; set ``skip_field`` on the test class.
+        Fix: set ``skip_field`` on the config class to the field holding the skip list (the default
+        ``skip_modules()`` then returns it), or override ``skip_modules()``.
         """
         import torch
 
         import qcore
 
-        if self.skip_field is None:
-            pytest.fail("set skip_field to the config field that holds the skip list")
-        model = qcore.from_pretrained(checkpoints["llama"], {**self.config, self.skip_field: ["q_proj", "lm_head"]}, dtype=self._dtype())
+        skip_field = self.skip_field or type(qcore.QuantConfig.from_dict(dict(self.config))).skip_field
+        if skip_field is None:
+            pytest.fail("set skip_field on the config class (or the test class) to the field holding the skip list")
+        model = qcore.from_pretrained(checkpoints["llama"], {**self.config, skip_field: ["q_proj", "lm_head"]}, dtype=self._dtype())
         layer = model.model.layers[0]
         assert type(layer.self_attn.q_proj) is torch.nn.Linear
         assert type(layer.self_attn.k_proj) is not torch.nn.Linear
