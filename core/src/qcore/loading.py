@@ -667,11 +667,13 @@ def _place_plain(module: nn.Module, name: str, tensor: torch.Tensor, device, rea
 def _set(module: nn.Module, attribute: str, value: Any) -> None:
     owner_path, _, name = attribute.rpartition(".")
     owner = module.get_submodule(owner_path) if owner_path else module
-    if isinstance(value, nn.Parameter) or name in owner._parameters:
-        owner._parameters[name] = value if isinstance(value, nn.Parameter) or value is None else nn.Parameter(value, requires_grad=False)
-    elif name in owner._buffers:
+    if name in owner._parameters and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        value = nn.Parameter(value, requires_grad=False)
+    if name in owner._buffers and not isinstance(value, nn.Parameter):
         owner._buffers[name] = value
     else:
+        # nn.Module.__setattr__ registers a Parameter even where the module held a plain attribute of that name
+        # (HQQLinear keeps ``bias = None`` as one), and drops the stale entry.
         setattr(owner, name, value)
 
 

@@ -1,0 +1,116 @@
+"""The torch side of phases 3 to 5: ``HQQLinear`` skeletons, quantizing weights as they stream in, restoring saved ones.
+
+Phase 3 (``preprocess_model``) swaps each owned ``nn.Linear``/``Conv1D`` for an empty ``HQQLinear`` that holds no
+tensor; phase 4 (``load_weight``) fills it, either by quantizing the full-precision weight with hqq on the target
+device or, for a pre-quantized checkpoint, by handing hqq's own ``load_state_dict`` the tensors its ``state_dict``
+wrote; phase 5 (``postprocess``) checks that every skeleton was filled. The resulting modules are plain
+``hqq.core.quantize.HQQLinear`` objects, so PEFT, transformers and hqq's own tools recognise them.
+
+Imported only from inside the hooks: it imports torch and hqq.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import qcore
+import torch
+from hqq.core.quantize import HQQLinear
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from qcore_hqq.config import check_module_shape, resolved_group_size
+
+__all__ = ["make_skeleton", "quantize_weight", "place_bias", "restore", "unfilled", "STORED_KEYS"]
+
+#: Every tensor ``HQQLinear.state_dict`` writes besides ``bias``: the stored form of one quantized module.
+STORED_KEYS = frozenset(HQQLinear(None, None, device="cpu", initialize=False).state_dict_keys() - {"bias"})
+
+
+def make_skeleton(
+    module_name: str,
+    source: nn.Module,
+    quant_config: Mapping[str, Any] | None,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+) -> HQQLinear:
+    """An ``HQQLinear`` with no tensors yet, standing in for ``source`` until its weight arrives.
+
+    ``quant_config`` is hqq's dict (:meth:`HqqConfig.quant_config_for`) for a layer to quantize, or ``None`` for
+    one to restore (its stored tensors carry the config). A ``group_size`` of ``None`` is resolved here from the
+    module's shape, as ``HQQLinear`` does when it quantizes a layer itself, so the saved config records the group
+    size actually used.
+    """
+    out_features, in_features = _shape(source)
+    config = None
+    if quant_config is not None:
+        config = {**quant_config, "weight_quant_params": dict(quant_config["weight_quant_params"])}
+        params = config["weight_quant_params"]
+        check_module_shape(params, module_name, out_features, in_features)
+        params["group_size"] = resolved_group_size(params, out_features, in_features)
+    layer = HQQLinear(None, config, compute_dtype=compute_dtype, device=device, initialize=False)
+    layer.in_features, layer.out_features = in_features, out_features
+    # transformers' own HQQ integration records the replaced class the same way: Conv1D stores its weight transposed.
+    layer.source_cls = type(source)
+    return layer
+
+
+def quantize_weight(layer: HQQLinear, weight: torch.Tensor, dtype: torch.dtype) -> None:
+    """Quantize a full-precision checkpoint weight into ``layer``, on the layer's device.
+
+    The weight is cast to the load's dtype first, as transformers casts it before quantizing, so the result equals
+    ``HQQLinear(linear, ...)`` built from the same model loaded in that dtype.
+    """
+    weight = weight.to(device=layer.device, dtype=dtype)
+    if issubclass(layer.source_cls, Conv1D):
+        weight = weight.t().contiguous()
+    if tuple(weight.shape) != (layer.out_features, layer.in_features):
+        raise qcore.CheckpointError(
+            f"weight of shape {tuple(weight.shape)} does not fit the model's {layer.out_features}x{layer.in_features} "
+            f"layer; the checkpoint does not match config.json"
+        )
+    with torch.no_grad():
+        layer.quantize(weight, **layer.quant_config)
+
+
+def place_bias(layer: HQQLinear, bias: torch.Tensor, dtype: torch.dtype) -> None:
+    """Give ``layer`` its bias as a frozen parameter in the compute dtype (as transformers does for HQQ)."""
+    # Set through nn.Module.__setattr__ rather than returned to the core: HQQLinear keeps ``bias`` as a plain
+    # attribute, which would shadow a parameter written into ``_parameters`` directly.
+    layer.bias = nn.Parameter(bias.to(device=layer.device, dtype=dtype), requires_grad=False)
+
+
+def restore(layer: HQQLinear, module_name: str, stored: Mapping[str, torch.Tensor]) -> None:
+    """Rebuild a quantized layer from the tensors ``HQQLinear.state_dict`` saved, without re-quantizing."""
+    missing = sorted(STORED_KEYS - stored.keys())
+    unknown = sorted(stored.keys() - STORED_KEYS - {"bias"})
+    if missing or unknown:
+        problem = f"lacks {missing}" if missing else f"has tensors hqq does not store: {unknown}"
+        raise qcore.CheckpointError(
+            f"HQQ module {problem}; a pre-quantized hqq module stores exactly {sorted(STORED_KEYS)} (+ bias). The "
+            f"checkpoint is incomplete or was not written by hqq's HQQLinear.state_dict",
+            tensor=f"{module_name}.{(missing or unknown)[0]}",
+        )
+    # hqq's own loader decodes the metadata tensors, moves everything to layer.device and casts scales and zeros to
+    # the compute dtype; it consumes the dict it is given.
+    layer.load_state_dict(dict(stored))
+    if layer.bias is not None:
+        layer.bias = nn.Parameter(layer.bias, requires_grad=False)
+
+
+def unfilled(model: nn.Module, module_names: tuple[str, ...]) -> list[str]:
+    """The skeletons among ``module_names`` that never received their weight."""
+    return [
+        name
+        for name in module_names
+        if isinstance(layer := model.get_submodule(name), HQQLinear) and not layer.is_initialized()
+    ]
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of an ``nn.Linear`` or a transformers ``Conv1D`` (whose weight is transposed)."""
+    if isinstance(module, Conv1D):
+        in_features, out_features = module.weight.shape
+        return out_features, in_features
+    return module.out_features, module.in_features
