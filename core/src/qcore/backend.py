@@ -49,6 +49,8 @@ class Backend:
     #: Extra availability check returning why the backend cannot run (with the fix), or ``None``. It must not
     #: import torch or the backend's library.
     check: Callable[[], str | None] | None = None
+    #: Notes on an available backend, e.g. which kernel it will use here; same rules as ``check``.
+    notes: Callable[[], str | None] | None = None
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run here, with the fix; ``None`` when it can."""

@@ -144,7 +144,7 @@ def _tensor_info(path: Path, name: str, entry: Any, data_len: int) -> TensorInfo
     if not isinstance(entry, dict):
         raise fail("header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise fail(f"unknown dtype {dtype!r} (known: {', '.join(DTYPE_SIZES)})")
     if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
         raise fail(f"shape {shape!r} is not a list of non-negative integers")

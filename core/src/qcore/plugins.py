@@ -217,6 +217,10 @@ def backends() -> list[BackendInfo]:
                 f"also claimed by {', '.join(sorted(winners))}, which serves {', '.join(shadowed)}; "
                 f"set QCORE_PREFER={shadowed[0]}={registered.distribution} to use this one"
             )
+        if reason is None and backend.notes is not None:
+            notes = backend.notes()
+        else:
+            notes = None
         infos.append(
             BackendInfo(
                 name=backend.name,
@@ -225,7 +229,7 @@ def backends() -> list[BackendInfo]:
                 methods=tuple(backend.configs),
                 presets=tuple(p.name for p in backend.presets),
                 available=reason is None,
-                reason=reason,
+                reason=reason if reason is not None else notes,
             )
         )
     for name, (distribution, error) in registry.broken.items():

@@ -91,6 +91,18 @@ def _recording() -> Iterator[_PhaseRecorder]:
         qcore.unregister_plugin("qcore-conformance-recorder")
 
 
+def _copy(function: Any) -> Any:
+    import functools
+    import types
+
+    copy = types.FunctionType(
+        function.__code__, function.__globals__, function.__name__, function.__defaults__, function.__closure__
+    )
+    copy = functools.update_wrapper(copy, function)
+    copy.__dict__.pop("pytestmark", None)  # update_wrapper copied the base function's marks too
+    return copy
+
+
 class BackendConformance:
     """The standard tests for a qcore backend. Subclass it in a ``test_*.py`` file and set the attributes below."""
 
@@ -127,7 +139,8 @@ class BackendConformance:
         if unknown:
             raise TypeError(f"{cls.__name__}.expected_failures names tests that do not exist: {sorted(unknown)}")
         for name, reason in cls.expected_failures.items():
-            setattr(cls, name, pytest.mark.xfail(reason=reason, strict=True)(BackendConformance.__dict__[name]))
+            # A fresh function per subclass: marking the shared base function would leak the xfail to every backend.
+            setattr(cls, name, pytest.mark.xfail(reason=reason, strict=True)(_copy(BackendConformance.__dict__[name])))
 
     # -- fixtures ----------------------------------------------------------------------------------------
 
