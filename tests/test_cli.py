@@ -376,6 +376,34 @@ def test_recommend_ranks_the_presets_that_fit_by_goal(tiny, only):
     assert run("recommend", tiny, "--memory", "lots").exit_code == 2
 
 
+# -- sensitivity ---------------------------------------------------------------------------------------------
+
+
+def test_sensitivity_prints_per_layer_errors_and_saves_an_auto_recipe_quantize_can_use(tiny, tmp_path, only):
+    only(RankedToy("toy"))
+    measured = json.loads(run("sensitivity", tiny, "--presets", "toy-all", "--json").stdout)
+    layers = measured["errors"]
+    assert "model.layers.0.self_attn.q_proj" in layers and all(0 < row["toy-all"] < 1 for row in layers.values())
+    full = measured["fixed_nbytes"] + sum(row["full"] for row in measured["nbytes"].values())
+    budget = full * 3 // 4
+    result = run("sensitivity", tiny, "--presets", "toy-all", "--budget", budget, "--save-recipe", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert "auto recipe:" in result.stdout and "model.layers.1.mlp.down_proj" in result.stdout
+    recipe = json.loads((tmp_path / "r.json").read_text())
+    assert recipe["quant_method"] == "qcore_recipe" and recipe["rules"]
+    result = run("quantize", tiny, tmp_path / "out", "--recipe", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    model = qcore.from_pretrained(tmp_path / "out")
+    assert sum(t.numel() * t.element_size() for t in model.state_dict().values()) <= budget
+
+
+def test_sensitivity_budget_too_small_is_one_line(tiny, only):
+    only(RankedToy("toy"))
+    result = run("sensitivity", tiny, "--presets", "toy-all", "--budget", "1KB")
+    last = result.stderr.strip().splitlines()[-1]  # after the "measuring ..." note
+    assert result.exit_code == 1 and last.startswith("error: no recipe fits 1000 B") and "smallest possible is" in last
+
+
 # -- demo ----------------------------------------------------------------------------------------------------
 
 

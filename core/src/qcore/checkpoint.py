@@ -320,14 +320,19 @@ class CheckpointReader:
     def largest_nbytes(self) -> int:
         return max((info.nbytes for info in self.tensors.values()), default=0)
 
-    def stream(self, names: set[str] | None = None) -> Iterator[tuple[str, Any]]:
+    def stream(self, names: set[str] | None = None, *, mapped: frozenset[str] = frozenset()) -> Iterator[tuple[str, Any]]:
         """Yield ``(name, tensor)`` for every tensor (or those in ``names``), in file order, shard by shard.
 
-        Each tensor is read with a plain positioned read into memory of its own, never through a memory map: a
-        mapped shard stays resident (and counted in the process's memory) until it is unmapped, while a tensor read
-        this way is freed as soon as its consumer drops it. A reader thread reads the next tensor while the consumer
-        converts this one, so reading overlaps quantizing and at most two full-precision tensors are alive at once.
-        Tensors come out on the CPU in their stored dtype, 64-byte aligned.
+        Tensors come out on the CPU in their stored dtype, in one of two ways:
+
+        * named in ``mapped`` (tensors the model keeps as they are stored): a copy-on-write view of the file, read
+          from disk only when first touched and never copied, as transformers loads them;
+        * otherwise (tensors a backend converts): read with a positioned read into memory of their own, freed as soon
+          as the consumer drops them. Through a mapping, the pages a conversion read would stay resident until the
+          whole shard is unmapped.
+
+        A reader thread prepares the next tensor while the consumer converts this one, so reading overlaps
+        quantizing and at most two full-precision tensors are alive at once.
         """
         if self.is_pickle:
             yield from self._stream_pickle(names)
@@ -338,7 +343,7 @@ class CheckpointReader:
             for info in sorted((i for i in self.tensors.values() if i.file == file), key=lambda i: i.offset)
             if names is None or info.name in names
         ]
-        yield from _read_ahead(wanted)
+        yield from _read_ahead(wanted, mapped)
 
     def _stream_pickle(self, names: set[str] | None) -> Iterator[tuple[str, Any]]:
         import torch
@@ -414,8 +419,8 @@ def _torch_load(file: Path) -> dict[str, Any]:
     return state
 
 
-def _read_ahead(infos: list[TensorInfo]) -> Iterator[tuple[str, Any]]:
-    """Read ``infos`` in a background thread, one tensor ahead of the consumer."""
+def _read_ahead(infos: list[TensorInfo], mapped: frozenset[str]) -> Iterator[tuple[str, Any]]:
+    """Read ``infos`` in a background thread, one tensor ahead of the consumer (see :meth:`CheckpointReader.stream`)."""
     import queue
     import threading
 
@@ -423,24 +428,27 @@ def _read_ahead(infos: list[TensorInfo]) -> Iterator[tuple[str, Any]]:
     stop = threading.Event()
 
     def reader() -> None:
-        handles: dict[Path, Any] = {}
+        file = handle = mapping = None
         try:
             for info in infos:
                 if stop.is_set():
                     return
-                handle = handles.get(info.file)
-                if handle is None:
-                    for open_handle in handles.values():
-                        open_handle.close()
-                    handles = {info.file: info.file.open("rb", buffering=0)}
-                    handle = handles[info.file]
-                ready.put((info.name, _read_tensor(handle, info)))
+                if info.file != file:
+                    if handle is not None:
+                        handle.close()
+                    file, handle, mapping = info.file, info.file.open("rb", buffering=0), None
+                if info.name in mapped and info.offset % _MAPPED_ALIGNMENT == 0:
+                    if mapping is None:
+                        mapping = _private_mapping(handle)
+                    ready.put((info.name, _mapped_tensor(mapping, info)))
+                else:
+                    ready.put((info.name, _read_tensor(handle, info)))
             ready.put(None)
         except BaseException as error:  # handed to the consumer, which re-raises it in its own thread
             ready.put(error)
         finally:
-            for open_handle in handles.values():
-                open_handle.close()
+            if handle is not None:
+                handle.close()
 
     thread = threading.Thread(target=reader, name="qcore-checkpoint-reader", daemon=True)
     thread.start()
@@ -457,6 +465,30 @@ def _read_ahead(infos: list[TensorInfo]) -> Iterator[tuple[str, Any]]:
             except queue.Empty:
                 pass
         thread.join()
+
+
+#: Kernels may assume aligned data (torch's CPU int8 matmul crashes otherwise), so only aligned tensors are mapped.
+_MAPPED_ALIGNMENT = 64
+
+
+def _private_mapping(handle: Any) -> Any:
+    """A copy-on-write mapping of the whole file: an in-place change to a parameter never reaches the file.
+
+    The tensors viewing it hold it; it is unmapped when the last of them is freed.
+    """
+    import mmap
+
+    return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
+def _mapped_tensor(mapping: Any, info: TensorInfo) -> Any:
+    import torch
+
+    dtype = getattr(torch, _TORCH_DTYPE_NAMES[info.dtype])
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    flat = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+    return flat.view(dtype).reshape(info.shape)
 
 
 def _read_tensor(handle: Any, info: TensorInfo) -> Any:
@@ -497,3 +529,8 @@ _SAFETENSORS_DTYPE = {
 
 #: safetensors dtype -> name of the torch dtype its bytes are viewed as.
 _TORCH_DTYPE_NAMES = {code: name.removeprefix("torch.") for name, code in _SAFETENSORS_DTYPE.items()}
+
+
+def torch_dtype_name(code: str) -> str:
+    """The torch dtype name (``"bfloat16"``) of a safetensors dtype code (``"BF16"``)."""
+    return _TORCH_DTYPE_NAMES[code]

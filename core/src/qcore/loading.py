@@ -562,7 +562,8 @@ def _stream(
     total = len(reader.tensors) - len(skip)
     wanted = set(reader.tensors) - skip if skip else None  # tensors with no place are never read
     release = _HeapRelease()
-    for done, (key, tensor) in enumerate(reader.stream(wanted), start=1):
+    mapped = _kept_as_stored(model, reader, keys, owner_of, context)
+    for done, (key, tensor) in enumerate(reader.stream(wanted, mapped=mapped), start=1):
         split = keys.split(key)
         if split is None:
             unexpected.append(key)
@@ -594,6 +595,32 @@ def _stream(
         if progress is not None:
             progress(done, total, key)
     return unexpected
+
+
+def _kept_as_stored(model, reader: CheckpointReader, keys: _KeyMapper, owner_of, context: LoadContext) -> frozenset[str]:
+    """Checkpoint tensors the model will hold exactly as stored, on the CPU: read them as views of the file.
+
+    That is every tensor of a pre-quantized checkpoint's quantized modules (the backend keeps the stored form) and
+    every full-precision tensor already in the dtype its slot in the skeleton has. Anything converted is read into
+    memory of its own instead, freed once converted.
+    """
+    from qcore.checkpoint import torch_dtype_name
+
+    kept = set()
+    for key, info in reader.tensors.items():
+        split = keys.split(key)
+        if split is None or context.device_for(split[0]).type != "cpu":
+            continue
+        module_name, tensor_name = split
+        if module_name in owner_of:
+            if context.pre_quantized:
+                kept.add(key)
+            continue
+        module = keys.modules[module_name]
+        slot = module._parameters.get(tensor_name, module._buffers.get(tensor_name))
+        if slot is not None and str(slot.dtype).removeprefix("torch.") == torch_dtype_name(info.dtype):
+            kept.add(key)
+    return frozenset(kept)
 
 
 class _HeapRelease:

@@ -146,8 +146,8 @@ def auto_recipe(sensitivity: LayerSensitivity, budget: int, *, allow_full_precis
     smallest = sensitivity.fixed_nbytes + sum(min(size for _, size, _ in options[layer]) for layer in layers)
     if room <= 0 or smallest > budget:
         raise ConfigError(
-            f"no recipe fits {budget / 2**20:.2f} MiB: the smallest possible is {smallest / 2**20:.2f} MiB; raise the "
-            f"budget or add a smaller candidate preset"
+            f"no recipe fits {_size(budget)}: the smallest possible is {_size(smallest)}; raise the budget or add a "
+            f"smaller candidate preset"
         )
     step = max(1, -(-room // _GRID))  # ceil: sizes rounded up on the grid, so the result never exceeds the budget
     cells = room // step
@@ -179,3 +179,10 @@ def auto_recipe(sensitivity: LayerSensitivity, budget: int, *, allow_full_precis
     parsed = {name: qcore.QuantConfig.from_dict(dict(config)) for name, config in sensitivity.configs.items()}
     recipe = Recipe([(layer, parsed[name] if name else None) for layer, name in choice.items()], default=None)
     return AutoRecipe(recipe, choice, sensitivity.total_nbytes(choice), sensitivity.total_error(choice), budget)
+
+
+def _size(nbytes: int) -> str:
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= factor:
+            return f"{nbytes / factor:.2f} {unit}"
+    return f"{nbytes} B"
