@@ -437,7 +437,7 @@ def _read_ahead(infos: list[TensorInfo], mapped: frozenset[str]) -> Iterator[tup
                     if handle is not None:
                         handle.close()
                     file, handle, mapping = info.file, info.file.open("rb", buffering=0), None
-                if info.name in mapped and info.offset % _MAPPED_ALIGNMENT == 0:
+                if info.name in mapped and info.offset % DTYPE_SIZES[info.dtype] == 0:
                     if mapping is None:
                         mapping = _private_mapping(handle)
                     ready.put((info.name, _mapped_tensor(mapping, info)))
@@ -467,14 +467,12 @@ def _read_ahead(infos: list[TensorInfo], mapped: frozenset[str]) -> Iterator[tup
         thread.join()
 
 
-#: Kernels may assume aligned data (torch's CPU int8 matmul crashes otherwise), so only aligned tensors are mapped.
-_MAPPED_ALIGNMENT = 64
-
-
 def _private_mapping(handle: Any) -> Any:
     """A copy-on-write mapping of the whole file: an in-place change to a parameter never reaches the file.
 
-    The tensors viewing it hold it; it is unmapped when the last of them is freed.
+    The tensors viewing it hold it; it is unmapped when the last of them is freed. A view is only as aligned as its
+    offset in the file (as with transformers' own loading); a kernel that needs more alignment copies the tensor
+    (qcore-eetq does).
     """
     import mmap
 
