@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -208,6 +209,8 @@ class CheckpointReader:
         self.directory = Path(directory)
         self.allow_pickle = allow_pickle
         self.tensors: dict[str, TensorInfo] = {}
+        #: file -> its private mapping, while :meth:`stream` runs.
+        self._mappings: dict[Path, Any] = {}
         self.metadata: dict[str, str] = {}
         self.files = self._weight_files()
         if self.files and self.files[0].suffix == ".safetensors":
@@ -320,19 +323,14 @@ class CheckpointReader:
     def largest_nbytes(self) -> int:
         return max((info.nbytes for info in self.tensors.values()), default=0)
 
-    def stream(self, names: set[str] | None = None, *, mapped: frozenset[str] = frozenset()) -> Iterator[tuple[str, Any]]:
+    def stream(self, names: set[str] | None = None) -> Iterator[tuple[str, Any]]:
         """Yield ``(name, tensor)`` for every tensor (or those in ``names``), in file order, shard by shard.
 
-        Tensors come out on the CPU in their stored dtype, in one of two ways:
-
-        * named in ``mapped`` (tensors the model keeps as they are stored): a copy-on-write view of the file, read
-          from disk only when first touched and never copied, as transformers loads them;
-        * otherwise (tensors a backend converts): read with a positioned read into memory of their own, freed as soon
-          as the consumer drops them. Through a mapping, the pages a conversion read would stay resident until the
-          whole shard is unmapped.
-
-        A reader thread prepares the next tensor while the consumer converts this one, so reading overlaps
-        quantizing and at most two full-precision tensors are alive at once.
+        Tensors are copy-on-write views of the file (as transformers loads them): nothing is copied, a page is read
+        when first touched, and a change made in place never reaches the file. A tensor a backend converts should be
+        handed to :meth:`release` once converted, or the pages its conversion touched stay resident until the whole
+        shard is unmapped. A reader thread asks the kernel to read the next tensor ahead while this one is
+        converted. A tensor whose offset does not fit its dtype (after odd-sized ones) is read into memory instead.
         """
         if self.is_pickle:
             yield from self._stream_pickle(names)
@@ -343,7 +341,22 @@ class CheckpointReader:
             for info in sorted((i for i in self.tensors.values() if i.file == file), key=lambda i: i.offset)
             if names is None or info.name in names
         ]
-        yield from _read_ahead(wanted, mapped)
+        try:
+            yield from _read_ahead(wanted, self._mappings)
+        finally:
+            self._mappings.clear()  # the tensors still viewing a mapping keep it alive
+
+    def release(self, name: str) -> None:
+        """Drop the pages of tensor ``name`` from this process: it was converted and its stored form is not needed.
+
+        Safe even if something still views it: the mapping is private and unwritten, so a later touch reads the
+        pages from the file again.
+        """
+        info = self.tensors.get(name)
+        mapping = self._mappings.get(info.file) if info is not None else None
+        if mapping is not None and info.nbytes:
+            start = info.offset - info.offset % mmap.PAGESIZE
+            mapping.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
 
     def _stream_pickle(self, names: set[str] | None) -> Iterator[tuple[str, Any]]:
         import torch
@@ -419,8 +432,8 @@ def _torch_load(file: Path) -> dict[str, Any]:
     return state
 
 
-def _read_ahead(infos: list[TensorInfo], mapped: frozenset[str]) -> Iterator[tuple[str, Any]]:
-    """Read ``infos`` in a background thread, one tensor ahead of the consumer (see :meth:`CheckpointReader.stream`)."""
+def _read_ahead(infos: list[TensorInfo], mappings: dict[Path, Any]) -> Iterator[tuple[str, Any]]:
+    """Hand out ``infos`` from a background thread that prefetches one tensor ahead of the consumer."""
     import queue
     import threading
 
@@ -428,7 +441,7 @@ def _read_ahead(infos: list[TensorInfo], mapped: frozenset[str]) -> Iterator[tup
     stop = threading.Event()
 
     def reader() -> None:
-        file = handle = mapping = None
+        file = handle = None
         try:
             for info in infos:
                 if stop.is_set():
@@ -436,10 +449,12 @@ def _read_ahead(infos: list[TensorInfo], mapped: frozenset[str]) -> Iterator[tup
                 if info.file != file:
                     if handle is not None:
                         handle.close()
-                    file, handle, mapping = info.file, info.file.open("rb", buffering=0), None
-                if info.name in mapped and info.offset % DTYPE_SIZES[info.dtype] == 0:
-                    if mapping is None:
-                        mapping = _private_mapping(handle)
+                    file, handle = info.file, info.file.open("rb", buffering=0)
+                    mappings[file] = _private_mapping(handle) if info.file.stat().st_size else None
+                mapping = mappings[file]
+                if mapping is not None and info.nbytes and info.offset % DTYPE_SIZES[info.dtype] == 0:
+                    start = info.offset - info.offset % mmap.PAGESIZE
+                    mapping.madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
                     ready.put((info.name, _mapped_tensor(mapping, info)))
                 else:
                     ready.put((info.name, _read_tensor(handle, info)))
@@ -490,16 +505,13 @@ def _mapped_tensor(mapping: Any, info: TensorInfo) -> Any:
 
 
 def _read_tensor(handle: Any, info: TensorInfo) -> Any:
-    import mmap
-
     import torch
 
     dtype = getattr(torch, _TORCH_DTYPE_NAMES[info.dtype])
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
     # An anonymous mapping of its own, not the allocator's heap: it goes back to the system the moment the tensor is
-    # dropped. Heap buffers allocated in this reader thread and freed in the consumer's stay cached in the thread's
-    # malloc arena, and the load's resident memory grows by hundreds of MB that are free but not returned.
+    # dropped, where a heap buffer allocated in this reader thread would stay cached in the thread's malloc arena.
     buffer = mmap.mmap(-1, info.nbytes)
     view, done = memoryview(buffer), 0
     try:

@@ -562,8 +562,7 @@ def _stream(
     total = len(reader.tensors) - len(skip)
     wanted = set(reader.tensors) - skip if skip else None  # tensors with no place are never read
     release = _HeapRelease()
-    mapped = _kept_as_stored(model, reader, keys, owner_of, context)
-    for done, (key, tensor) in enumerate(reader.stream(wanted, mapped=mapped), start=1):
+    for done, (key, tensor) in enumerate(reader.stream(wanted), start=1):
         split = keys.split(key)
         if split is None:
             unexpected.append(key)
@@ -586,41 +585,25 @@ def _stream(
         if result is None:
             if not _place_plain(module, tensor_name, tensor, context.device_for(module_name), reader, key):
                 unexpected.append(key)
+            placed = [module._parameters.get(tensor_name, module._buffers.get(tensor_name))]
         else:
             for attribute, value in result.items():
                 _set(module, attribute, value)
+            placed = list(result.values())
+        if result != {} and not _views_storage_of(placed, tensor):
+            reader.release(key)  # converted: its stored bytes are no longer needed in memory
         if unit is not None:
             release.after(tensor.numel() * tensor.element_size())
-        del tensor, result
+        del tensor, result, placed
         if progress is not None:
             progress(done, total, key)
     return unexpected
 
 
-def _kept_as_stored(model, reader: CheckpointReader, keys: _KeyMapper, owner_of, context: LoadContext) -> frozenset[str]:
-    """Checkpoint tensors the model will hold exactly as stored, on the CPU: read them as views of the file.
-
-    That is every tensor of a pre-quantized checkpoint's quantized modules (the backend keeps the stored form) and
-    every full-precision tensor already in the dtype its slot in the skeleton has. Anything converted is read into
-    memory of its own instead, freed once converted.
-    """
-    from qcore.checkpoint import torch_dtype_name
-
-    kept = set()
-    for key, info in reader.tensors.items():
-        split = keys.split(key)
-        if split is None or context.device_for(split[0]).type != "cpu":
-            continue
-        module_name, tensor_name = split
-        if module_name in owner_of:
-            if context.pre_quantized:
-                kept.add(key)
-            continue
-        module = keys.modules[module_name]
-        slot = module._parameters.get(tensor_name, module._buffers.get(tensor_name))
-        if slot is not None and str(slot.dtype).removeprefix("torch.") == torch_dtype_name(info.dtype):
-            kept.add(key)
-    return frozenset(kept)
+def _views_storage_of(values: list[Any], tensor: torch.Tensor) -> bool:
+    """Whether any of ``values`` is ``tensor`` or a view of its memory (so it was kept as stored)."""
+    pointer = tensor.untyped_storage().data_ptr()
+    return any(isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == pointer for v in values)
 
 
 class _HeapRelease:
@@ -631,7 +614,7 @@ class _HeapRelease:
     quantized model itself. ``malloc_trim`` returns it, at a cost of about a millisecond a call.
     """
 
-    EVERY_NBYTES = 8 * 2**20
+    EVERY_NBYTES = 64 * 2**20
 
     def __init__(self) -> None:
         self.pending = 0
