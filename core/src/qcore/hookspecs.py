@@ -157,8 +157,9 @@ def load_weight(
     :param model: the model being filled.
     :param module_name: the owning module's name in the model, e.g. ``"model.layers.0.self_attn.q_proj"``.
     :param tensor_name: the tensor's name relative to that module, e.g. ``"weight"``, ``"bias"``, ``"weight.absmax"``.
-    :param tensor: the tensor as read from the checkpoint (CPU, checkpoint dtype). The core drops its reference as
-        soon as this hook returns, so a backend that does not keep it lets it be freed at once.
+    :param tensor: the tensor as stored (CPU, checkpoint dtype): a copy-on-write view of the checkpoint file.
+        Returned as is, it stays a view and is never copied; converted, its pages are dropped once this hook
+        returns. Writing into it never reaches the file.
     :returns: ``{attribute_name: value}`` to set on the module (parameters or buffers, already on their device; an
         empty dict when the tensor was consumed but nothing is ready yet, e.g. a statistic waiting for its weight), or
         ``None`` to let the core place the tensor as it is: cast to the dtype of the module's slot in the skeleton
