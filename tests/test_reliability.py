@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import json
-import zipfile
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ import textwrap
 import threading
 import time
 import weakref
+import zipfile
 from pathlib import Path
 
 import psutil
