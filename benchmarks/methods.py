@@ -49,8 +49,10 @@ METHODS = {
 #: The transformers side, by name. ``prequant-nf4`` reads the quantization config stored in config.json.
 REFERENCES = {
     "bf16": {"quantization": None, "library": None},
-    "bnb-nf4": {"quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                                 "bnb_4bit_compute_dtype": "bfloat16"}, "library": "bitsandbytes"},  # fmt: skip
+    "bnb-nf4": {
+        "quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16"},
+        "library": "bitsandbytes",
+    },  # fmt: skip
     "bnb-int8": {"quantization": {"load_in_8bit": True}, "library": "bitsandbytes"},
     "prequant-nf4": {"quantization": None, "library": "bitsandbytes"},
 }

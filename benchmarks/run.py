@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
 
     busy = os.getloadavg()[0]
     if busy > 0.5 * (os.cpu_count() or 1) and not args.threads:
-        console.print(f"[yellow]warning:[/] load average {busy:.1f} on {os.cpu_count()} CPUs: other work will stall "
-                      f"torch's threads and skew every time; use an idle machine, or --threads 1 to limit the damage")
+        console.print(
+            f"[yellow]warning:[/] load average {busy:.1f} on {os.cpu_count()} CPUs: other work will stall "
+            f"torch's threads and skew every time; use an idle machine, or --threads 1 to limit the damage"
+        )
     infos = {size: prepare_checkpoint(size, args, console) for size in sizes}
     if args.profile:
         return profile(sizes[0], infos[sizes[0]], args, console)

@@ -186,8 +186,12 @@ def phase_timer():
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tool", choices=("qcore", "transformers", "read"), required=True,
-                        help="read: only copy every tensor out of the checkpoint (the floor of any load)")
+    parser.add_argument(
+        "--tool",
+        choices=("qcore", "transformers", "read"),
+        required=True,
+        help="read: only copy every tensor out of the checkpoint (the floor of any load)",
+    )
     parser.add_argument("--method", required=True, help="a qcore method (methods.METHODS) or, for transformers, a "
                         "reference (methods.REFERENCES)")  # fmt: skip
     parser.add_argument("--path", required=True)

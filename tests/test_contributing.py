@@ -8,9 +8,8 @@ from __future__ import annotations
 import re
 import zipfile
 
-import pytest
-
 import checklist
+import pytest
 from qcore.testing import BackendConformance
 
 PACKAGE = "qcore_" + checklist.NAME.replace("-", "_")

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
 import qcore
+import torch
 from tiny_models import logits
 
 TOY = {"quant_method": "toy_int8"}
@@ -19,7 +18,13 @@ def test_cpu_device_maps_load_the_same_model(llama, toy, device_map):
 
 
 def test_explicit_per_module_map_is_honoured(llama, toy):
-    device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
     model = qcore.from_pretrained(llama, TOY, device_map=device_map)
     assert model.model.layers[0].self_attn.q_proj.weight.device.type == "cpu"
 
@@ -46,7 +51,14 @@ def test_auto_with_too_little_max_memory_is_refused_before_loading(llama, toy):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_split_across_cpu_and_gpu_runs_forward(llama, toy):
-    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.norm": "cpu", "model.rotary_emb": 0, "lm_head": "cpu"}
+    device_map = {
+        "model.embed_tokens": 0,
+        "model.layers.0": 0,
+        "model.layers.1": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": 0,
+        "lm_head": "cpu",
+    }
     model = qcore.from_pretrained(llama, TOY, device_map=device_map)
     assert model.model.layers[0].self_attn.q_proj.weight.device.type == "cuda"
     assert torch.isfinite(logits(model).float()).all()

@@ -4,9 +4,8 @@ transformers, PEFT and Trainer look for on a quantized model."""
 from __future__ import annotations
 
 import pytest
-import torch
-
 import qcore
+import torch
 from tiny_models import logits
 
 BACKENDS = {

@@ -15,11 +15,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
-
 import qcore
 import toy_backend
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from qcore import plugins
 from qcore.checkpoint import DTYPE_SIZES, read_header
 
@@ -27,9 +26,7 @@ from qcore.checkpoint import DTYPE_SIZES, read_header
 # machine is shared; a hang would still exceed it by far.
 FUZZ = settings(max_examples=120, deadline=2000, database=None, suppress_health_check=[HealthCheck.too_slow])
 
-JSON_SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=12)
-)
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=12))
 JSON = st.recursive(
     JSON_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=10,

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from qcore import _hookdocs, hookspecs
 
 DOCS = (Path(__file__).parent.parent / "docs" / "hooks.md").read_text()
@@ -14,7 +13,9 @@ DOCS = (Path(__file__).parent.parent / "docs" / "hooks.md").read_text()
 
 @pytest.mark.parametrize("name", _hookdocs.HOOKS)
 def test_every_hook_is_documented_with_its_signature(name):
-    assert f"## `{name}`" in DOCS, f"{name} is missing from docs/hooks.md: run python -m qcore._hookdocs > docs/hooks.md"
+    assert f"## `{name}`" in DOCS, (
+        f"{name} is missing from docs/hooks.md: run python -m qcore._hookdocs > docs/hooks.md"
+    )
     assert _hookdocs.signature(name) in DOCS, f"{name}'s signature in docs/hooks.md is stale: regenerate it"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 
 import pytest
-
 from qcore import hookspecs
 
 PHASES = ["validate", "update_device_map", "preprocess_model", "load_weight", "postprocess", "optimize_runtime"]

@@ -6,10 +6,9 @@ import shutil
 
 import huggingface_hub
 import pytest
+import qcore
 import torch
 from huggingface_hub import constants
-
-import qcore
 from tiny_models import logits
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

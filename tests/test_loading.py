@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-import transformers
-
 import qcore
 import tiny_models
+import torch
 import toy_backend
+import transformers
 from tiny_models import logits
 
 TOY = {"quant_method": "toy_int8"}
@@ -59,7 +58,11 @@ def test_quantize_save_reload_is_identical_without_requantizing(checkpoints, toy
     model = qcore.from_pretrained(checkpoints[arch], TOY)
     qcore.save_pretrained(model, tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "toy_int8", "compute_dtype": None, "modules_to_not_convert": None}
+    assert config["quantization_config"] == {
+        "quant_method": "toy_int8",
+        "compute_dtype": None,
+        "modules_to_not_convert": None,
+    }
     monkeypatch.setattr(toy_backend, "quantize", lambda *_: pytest.fail("re-quantized a pre-quantized checkpoint"))
     reloaded = qcore.from_pretrained(tmp_path / "out")
     assert torch.equal(logits(reloaded), logits(model))
@@ -87,7 +90,9 @@ def test_user_loading_attribute_overrides_the_checkpoint(llama, toy, tmp_path):
 
 
 def test_user_skip_list_replaces_the_defaults(llama, toy):
-    model = qcore.from_pretrained(llama, {**TOY, "modules_to_not_convert": ["up_proj"]})  # suffix match, as transformers
+    model = qcore.from_pretrained(
+        llama, {**TOY, "modules_to_not_convert": ["up_proj"]}
+    )  # suffix match, as transformers
     assert type(model.lm_head).__name__ == "ToyLinear"
     assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "ToyLinear"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 import qcore
 import toy_backend
 from qcore import hookspecs

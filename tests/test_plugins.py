@@ -8,12 +8,11 @@ import sys
 import textwrap
 
 import pytest
-
 import qcore
 from qcore import plugins
 
 FAKE_BACKEND = textwrap.dedent(
-    '''
+    """
     import dataclasses
     from typing import ClassVar
     import qcore
@@ -31,7 +30,7 @@ FAKE_BACKEND = textwrap.dedent(
     def register_backend():
         return qcore.Backend(name="{name}", configs={{"{method}": FakeConfig}}, requires={requires},
                              presets=(qcore.Preset("{name}-4bit", {{"quant_method": "{method}"}}),))
-    '''
+    """
 )
 
 
@@ -93,12 +92,17 @@ def test_disable_autoload_env_loads_no_entry_point(fake_site, monkeypatch):
 
 
 def test_unavailable_backend_raises_backend_unavailable_before_loading(fake_site, llama):
-    with pytest.warns(UserWarning), pytest.raises(qcore.BackendUnavailable, match="pip install 'surely-not-installed-lib>=1.0'"):
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(qcore.BackendUnavailable, match="pip install 'surely-not-installed-lib>=1.0'"),
+    ):
         qcore.from_pretrained(llama, {"quant_method": "needy_q"})
 
 
 def test_two_plugins_claiming_one_method_first_name_wins_and_prefer_overrides(fake_site, monkeypatch):
-    install_fake(fake_site, "qcore-afake", "qcore_afake", FAKE_BACKEND.format(name="afake", method="fake_q", requires="()"))
+    install_fake(
+        fake_site, "qcore-afake", "qcore_afake", FAKE_BACKEND.format(name="afake", method="fake_q", requires="()")
+    )
     monkeypatch.setenv("QCORE_LOAD_PLUGINS", "qcore-fake,qcore-afake")
     plugins.reset_plugins()
     found = {info.distribution: info for info in qcore.backends()}
@@ -137,7 +141,9 @@ def test_config_errors_name_the_field_and_the_fix(fake_site, monkeypatch, data, 
         qcore.QuantConfig.from_dict(data)
 
 
-@pytest.mark.parametrize("method, package", [("bitsandbytes", "qcore-bnb"), ("hqq", "qcore-hqq"), ("eetq", "qcore-eetq")])
+@pytest.mark.parametrize(
+    "method, package", [("bitsandbytes", "qcore-bnb"), ("hqq", "qcore-hqq"), ("eetq", "qcore-eetq")]
+)
 def test_known_method_without_its_plugin_names_the_package(monkeypatch, method, package):
     monkeypatch.setenv("QCORE_DISABLE_PLUGIN_AUTOLOAD", "1")
     plugins.reset_plugins()

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-
 import qcore
+import torch
 from qcore.sensitivity import auto_recipe, measure_sensitivity
 from tiny_models import logits
 
@@ -79,7 +78,10 @@ def test_single_method_recipe_saves_the_plain_format_transformers_reads(llama, t
     model = qcore.from_pretrained(llama, recipe, dtype=torch.float32)
     qcore.save_pretrained(model, tmp_path / "plain")
     stored = json.loads((tmp_path / "plain" / "config.json").read_text())["quantization_config"]
-    assert stored["quant_method"] == "bitsandbytes" and "model.layers.0.self_attn.q_proj" in stored["llm_int8_skip_modules"]
+    assert (
+        stored["quant_method"] == "bitsandbytes"
+        and "model.layers.0.self_attn.q_proj" in stored["llm_int8_skip_modules"]
+    )
     by_transformers = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
     assert type(by_transformers.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert torch.equal(logits(by_transformers), logits(model))
@@ -93,7 +95,9 @@ def test_auto_recipe_fits_the_budget_and_beats_the_best_single_preset(llama):
     errors = {name: measured.total_error(choice) for name, choice in uniform.items()}
     budget = (sizes["hqq-4bit"] + sizes["hqq-8bit"]) // 2  # 4-bit fits, 8-bit does not
     chosen = auto_recipe(measured, budget)
-    print(f"sizes {sizes}, errors {errors}, budget {budget}, auto {chosen.predicted_nbytes} / {chosen.predicted_error:.4e}")
+    print(
+        f"sizes {sizes}, errors {errors}, budget {budget}, auto {chosen.predicted_nbytes} / {chosen.predicted_error:.4e}"
+    )
     assert chosen.predicted_nbytes <= budget
     assert chosen.predicted_error < errors["hqq-4bit"]  # the best single preset that fits the budget
     model = qcore.from_pretrained(llama, chosen.recipe, dtype=torch.bfloat16)

@@ -26,15 +26,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
-
 import qcore
 import tiny_models
+import torch
 import toy_backend
 from qcore import plugins
 from qcore.checkpoint import CheckpointReader, read_header
 from qcore.errors import InsufficientMemory
+from safetensors.torch import load_file, save_file
 from tiny_models import logits
 
 TOY = {"quant_method": "toy_int8"}

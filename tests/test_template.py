@@ -20,11 +20,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import checklist
 import pytest
 from click.testing import CliRunner
 from packaging.requirements import Requirement
-
-import checklist
 from qcore import QcoreError, scaffold
 from qcore.cli import cli
 from qcore.testing import BackendConformance

@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
-from safetensors import safe_open
-
 import qcore
+import torch
 from qcore.hookspecs import PHASES
 from qcore.timing import PhaseTimer
+from safetensors import safe_open
 
 TOY = {"quant_method": "toy_int8"}
 

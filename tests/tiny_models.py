@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from qcore.testing.models import ARCHITECTURES, build, logits
 
 INPUT_IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 3]])

@@ -359,11 +359,12 @@ class CheckpointReader:
             mapping.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
 
     def _stream_pickle(self, names: set[str] | None) -> Iterator[tuple[str, Any]]:
-        import torch
 
         for file in self.files:
             if file.name.endswith(".json"):
-                raise CheckpointError("sharded pickle checkpoints are not supported; convert to safetensors", file=str(file))
+                raise CheckpointError(
+                    "sharded pickle checkpoints are not supported; convert to safetensors", file=str(file)
+                )
             state = _torch_load(file)
             for name, tensor in state.items():
                 self.tensors.setdefault(

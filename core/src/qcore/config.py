@@ -60,7 +60,7 @@ class QuantConfig:
             if not isinstance(method, str):
                 raise ConfigError(
                     f"quantization config has no 'quant_method' string (got {method!r}); add e.g. "
-                    f"\"quant_method\": \"bitsandbytes\""
+                    f'"quant_method": "bitsandbytes"'
                 )
             return config_class_for(method).from_dict(data)
         if data.get("quant_method", cls.quant_method) != cls.quant_method:

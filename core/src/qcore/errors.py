@@ -21,7 +21,9 @@ class CheckpointError(QcoreError):
     """A checkpoint file is malformed, unsafe or does not fit the model; names the file and tensor."""
 
     def __init__(self, message: str, *, file: str | None = None, tensor: str | None = None):
-        where = ", ".join(part for part in (f"file {file}" if file else "", f"tensor {tensor!r}" if tensor else "") if part)
+        where = ", ".join(
+            part for part in (f"file {file}" if file else "", f"tensor {tensor!r}" if tensor else "") if part
+        )
         super().__init__(f"{where}: {message}" if where else message)
         self.file = file
         self.tensor = tensor

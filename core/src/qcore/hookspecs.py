@@ -86,9 +86,7 @@ def validate(config: QuantConfig, context: LoadContext) -> None:
 
 
 @hookspec
-def update_device_map(
-    config: QuantConfig, context: LoadContext, device_map: dict[str, Any]
-) -> dict[str, Any] | None:
+def update_device_map(config: QuantConfig, context: LoadContext, device_map: dict[str, Any]) -> dict[str, Any] | None:
     """Adjust where modules go before the model skeleton is filled.
 
     Runs once per (backend, config), in the order backends appear in the recipe; each sees the map the previous one

@@ -111,7 +111,9 @@ def from_pretrained(
     dtype = _resolve_dtype(dtype, model_config)
 
     # Phase 1: validate every (backend, config) before a single weight is read or downloaded.
-    requested_map = dict(device_map) if isinstance(device_map, Mapping) else {"": device_map} if device_map is not None else {}
+    requested_map = (
+        dict(device_map) if isinstance(device_map, Mapping) else {"": device_map} if device_map is not None else {}
+    )
     context = LoadContext(source, model_config, pre_quantized, dtype, requested_map, None)  # type: ignore[arg-type]
     configs = spec.configs() if spec is not None else []
     for config in configs:
@@ -134,7 +136,14 @@ def from_pretrained(
     device_map = _initial_device_map(device_map, model, dtype, max_memory)
     for unit in units:
         unit.context.device_map = device_map
-        new_map = _run("update_device_map", unit.registered, None, config=unit.config, context=unit.context, device_map=dict(device_map))
+        new_map = _run(
+            "update_device_map",
+            unit.registered,
+            None,
+            config=unit.config,
+            context=unit.context,
+            device_map=dict(device_map),
+        )
         new_map = _first(new_map)
         if new_map is not None and not isinstance(new_map, Mapping):
             wrong = TypeError(f"returned {type(new_map).__name__}, not a dict or None")
@@ -415,7 +424,9 @@ def _assign(spec: Recipe | None, model: nn.Module, keys: _KeyMapper, context: Lo
     applied = _assignment(spec, model, candidates)
     missing = sorted(set(applied) - set(keys.modules))
     if missing:
-        raise CheckpointError(f"the stored recipe names modules the model lacks: {missing[:5]}", file=str(context.source))
+        raise CheckpointError(
+            f"the stored recipe names modules the model lacks: {missing[:5]}", file=str(context.source)
+        )
     tensor_names: dict[str, set[str]] = {}
     for key in context.checkpoint.tensors:
         split = keys.split(key)
@@ -490,7 +501,9 @@ def _check_device_map(device_map: Mapping[str, Any]) -> None:
         try:
             target = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
         except (RuntimeError, TypeError):
-            raise ConfigError(f"device_map puts {where} on {device!r}, which is not a device; use 'cpu' or 'cuda:N'") from None
+            raise ConfigError(
+                f"device_map puts {where} on {device!r}, which is not a device; use 'cpu' or 'cuda:N'"
+            ) from None
         if target.type == "cuda" and (
             not torch.cuda.is_available() or (target.index or 0) >= torch.cuda.device_count()
         ):
@@ -831,5 +844,3 @@ def _first(result: Any) -> Any:
     if isinstance(result, list):
         return next((r for r in result if r is not None), None)
     return result
-
-

@@ -60,7 +60,9 @@ class _Registry:
         """Call ``phase`` on one backend only: every other backend is left out, observers stay in."""
         key = (phase, plugin_name)
         if key not in self.callers:
-            others = [r.plugin for r in self.registered.values() if r.backend is not None and r.plugin_name != plugin_name]
+            others = [
+                r.plugin for r in self.registered.values() if r.backend is not None and r.plugin_name != plugin_name
+            ]
             self.callers[key] = self.manager.subset_hook_caller(phase, remove_plugins=others)
         return self.callers[key]
 
@@ -80,9 +82,9 @@ class _Registry:
 
 
 def _preference_key(method: str, registered: _Registered) -> tuple[int, str]:
-    preferred = dict(
-        item.split("=", 1) for item in os.environ.get("QCORE_PREFER", "").split(",") if "=" in item
-    ).get(method)
+    preferred = dict(item.split("=", 1) for item in os.environ.get("QCORE_PREFER", "").split(",") if "=" in item).get(
+        method
+    )
     return (0 if preferred in (registered.distribution, registered.plugin_name) else 1, registered.distribution)
 
 
@@ -102,7 +104,9 @@ def _load() -> _Registry:
         if only and distribution not in only and entry_point.name not in only:
             continue
         # Two distributions may pick the same entry-point name; keep both, the second under a qualified name.
-        plugin_name = entry_point.name if entry_point.name not in registry.registered else f"{distribution}:{entry_point.name}"
+        plugin_name = (
+            entry_point.name if entry_point.name not in registry.registered else f"{distribution}:{entry_point.name}"
+        )
         try:
             registry.add(entry_point.load(), plugin_name, distribution, version)
         except Exception as error:  # a broken plugin must not stop the others
@@ -217,10 +221,7 @@ def backends() -> list[BackendInfo]:
                 f"also claimed by {', '.join(sorted(winners))}, which serves {', '.join(shadowed)}; "
                 f"set QCORE_PREFER={shadowed[0]}={registered.distribution} to use this one"
             )
-        if reason is None and backend.notes is not None:
-            notes = backend.notes()
-        else:
-            notes = None
+        notes = backend.notes() if reason is None and backend.notes is not None else None
         infos.append(
             BackendInfo(
                 name=backend.name,
@@ -282,4 +283,3 @@ def ensure_available(method: str) -> _Registered:
     if reason is not None:
         raise BackendUnavailable(f"{method}: backend {registered.distribution} cannot run: {reason}")
     return registered
-

@@ -93,7 +93,9 @@ class Recipe:
         if applied is not None:
             configs = self.configs()
             data["configs"] = [c.to_dict() for c in configs]
-            data["modules"] = {name: next(i for i, c in enumerate(configs) if c is cfg) for name, cfg in applied.items()}
+            data["modules"] = {
+                name: next(i for i, c in enumerate(configs) if c is cfg) for name, cfg in applied.items()
+            }
         return data
 
     def assign(
@@ -126,7 +128,7 @@ class Recipe:
                 skip = config.skip_modules()
                 if should_convert_module(name, [*(default_keep if skip is None else skip), *always_keep]):
                     assigned[name] = config
-        return assigned, [rule.pattern for rule, hit in zip(self.rules, used) if not hit]
+        return assigned, [rule.pattern for rule, hit in zip(self.rules, used, strict=True) if not hit]
 
     def single_config(self, applied: Mapping[str, QuantConfig]) -> QuantConfig | None:
         """The one config every quantized module uses, if there is exactly one (so the plain format can be saved)."""

@@ -153,7 +153,9 @@ def _tensors_to_save(model: Any) -> dict[str, torch.Tensor]:
         if value.device.type == "meta":
             raise CheckpointError("is still on the meta device; the model was not fully loaded", tensor=name)
         value = value.detach()
-        identity = (value.data_ptr(), value.dtype, tuple(value.shape), value.storage_offset()) if value.numel() else None
+        identity = (
+            (value.data_ptr(), value.dtype, tuple(value.shape), value.storage_offset()) if value.numel() else None
+        )
         if identity is not None and identity in seen:
             continue  # a second name for the same tensor (tying the model did not declare)
         if identity is not None:
@@ -183,7 +185,10 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, limit: int)
         file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         save_file(_unshare(shard), directory / file_name, metadata=metadata)
         weight_map.update(dict.fromkeys(shard, file_name))
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        "weight_map": weight_map,
+    }
     (directory / SAFE_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 

@@ -71,7 +71,11 @@ def measure_sensitivity(
         raise ConfigError("give at least one candidate preset or config")
     reference = qcore.from_pretrained(src, dtype=dtype)
     ids = input_ids if input_ids is not None else synthetic_batch(reference.config.vocab_size)
-    tied = {key.removesuffix(".weight") for pair in (getattr(reference, "all_tied_weights_keys", None) or {}).items() for key in pair}
+    tied = {
+        key.removesuffix(".weight")
+        for pair in (getattr(reference, "all_tied_weights_keys", None) or {}).items()
+        for key in pair
+    }
     layers = [layer for layer in _candidates(reference) if layer not in tied]  # a tied weight must stay shared
     inputs, outputs = _capture(reference, layers, ids)
     skeleton = plan(src, dtype=dtype)
@@ -87,7 +91,9 @@ def measure_sensitivity(
         modules = dict(quantized.named_modules())
         for layer in layers:
             weight = skeleton.model.get_submodule(layer).weight
-            out_features, in_features = weight.shape[::-1] if type(modules[layer]).__name__ == "Conv1D" else weight.shape
+            out_features, in_features = (
+                weight.shape[::-1] if type(modules[layer]).__name__ == "Conv1D" else weight.shape
+            )
             bias = skeleton.model.get_submodule(layer).bias
             nbytes[layer][name] = config.quantized_nbytes(out_features, in_features, element) + (
                 bias.numel() * element if bias is not None else 0
@@ -138,7 +144,9 @@ def auto_recipe(sensitivity: LayerSensitivity, budget: int, *, allow_full_precis
     """
     layers = list(sensitivity.nbytes)
     options = {
-        layer: [(name, sensitivity.nbytes[layer][name], sensitivity.errors[layer][name]) for name in sensitivity.configs]
+        layer: [
+            (name, sensitivity.nbytes[layer][name], sensitivity.errors[layer][name]) for name in sensitivity.configs
+        ]
         + ([(None, sensitivity.nbytes[layer]["full"], 0.0)] if allow_full_precision else [])
         for layer in layers
     }
@@ -167,7 +175,7 @@ def auto_recipe(sensitivity: LayerSensitivity, budget: int, *, allow_full_precis
         picks.append(pick)
     used = min(range(cells + 1), key=lambda c: best[c])
     choice: dict[str, str | None] = {}
-    for layer, pick in zip(reversed(layers), reversed(picks)):
+    for layer, pick in zip(reversed(layers), reversed(picks), strict=True):
         index = pick[used]
         name, size, _ = options[layer][index]
         choice[layer] = name

@@ -91,7 +91,9 @@ def sensitivity(
             + (f" (best single preset that fits: {best_single[0]}, {best_single[1]:.3e})" if best_single else "")
         )
         if save_recipe is not None:
-            console.print(f"recipe written to {escape(str(save_recipe))}; use: qcore quantize SRC OUT --recipe {escape(str(save_recipe))}")
+            console.print(
+                f"recipe written to {escape(str(save_recipe))}; use: qcore quantize SRC OUT --recipe {escape(str(save_recipe))}"
+            )
 
 
 def _best_single(measured, names, budget):

@@ -156,7 +156,10 @@ class BackendConformance:
         models = {}
         for arch in self.architectures:
             with _recording() as recorder:
-                models[arch] = (qcore.from_pretrained(checkpoints[arch], dict(self.config), dtype=self._dtype()), recorder)
+                models[arch] = (
+                    qcore.from_pretrained(checkpoints[arch], dict(self.config), dtype=self._dtype()),
+                    recorder,
+                )
         return models
 
     def _dtype(self) -> Any:
@@ -186,7 +189,9 @@ class BackendConformance:
 
         from qcore import hookspecs
 
-        points = [ep for ep in importlib.metadata.entry_points(group="qcore") if ep.dist and ep.dist.name == self.distribution]
+        points = [
+            ep for ep in importlib.metadata.entry_points(group="qcore") if ep.dist and ep.dist.name == self.distribution
+        ]
         assert points, f"no entry point in group 'qcore' belongs to {self.distribution}"
         manager = pluggy.PluginManager("qcore")
         manager.add_hookspecs(hookspecs)
@@ -204,7 +209,9 @@ class BackendConformance:
 
         from qcore import hookspecs
 
-        point = next(ep for ep in importlib.metadata.entry_points(group="qcore") if ep.dist and ep.dist.name == self.distribution)
+        point = next(
+            ep for ep in importlib.metadata.entry_points(group="qcore") if ep.dist and ep.dist.name == self.distribution
+        )
         manager = pluggy.PluginManager("qcore")
         manager.add_hookspecs(hookspecs)
         manager.register(point.load())
@@ -238,7 +245,9 @@ class BackendConformance:
             assert recorder.pre_quantized == {False}
             assert model.is_quantized
 
-    def test_outputs_finite_and_close_to_full_precision(self, quantized: dict[str, Any], checkpoints: dict[str, Path]) -> None:
+    def test_outputs_finite_and_close_to_full_precision(
+        self, quantized: dict[str, Any], checkpoints: dict[str, Path]
+    ) -> None:
         """Logits are finite and within ``tolerance`` (relative to the largest logit) of the full-precision model.
 
         Fix: check the dequantization scale, the compute dtype and that biases are kept; if the method is coarse by
@@ -255,7 +264,9 @@ class BackendConformance:
             error = (result - reference).abs().max() / reference.abs().max()
             assert error <= self.tolerance, f"{arch}: relative error {error:.4f} > tolerance {self.tolerance}"
 
-    def test_save_then_reload_is_identical_without_requantizing(self, quantized: dict[str, Any], tmp_path: Path) -> None:
+    def test_save_then_reload_is_identical_without_requantizing(
+        self, quantized: dict[str, Any], tmp_path: Path
+    ) -> None:
         """A saved model reloads (no config given) as pre-quantized, with bit-identical logits.
 
         Fix: the quantized module's ``state_dict()`` must hold every tensor needed to rebuild it, and
@@ -300,12 +311,16 @@ class BackendConformance:
         skip_field = self.skip_field or type(qcore.QuantConfig.from_dict(dict(self.config))).skip_field
         if skip_field is None:
             pytest.fail("set skip_field on the config class (or the test class) to the field holding the skip list")
-        model = qcore.from_pretrained(checkpoints["llama"], {**self.config, skip_field: ["q_proj", "lm_head"]}, dtype=self._dtype())
+        model = qcore.from_pretrained(
+            checkpoints["llama"], {**self.config, skip_field: ["q_proj", "lm_head"]}, dtype=self._dtype()
+        )
         layer = model.model.layers[0]
         assert type(layer.self_attn.q_proj) is torch.nn.Linear
         assert type(layer.self_attn.k_proj) is not torch.nn.Linear
 
-    def test_validate_reports_missing_library(self, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_validate_reports_missing_library(
+        self, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """With the backend's library not importable, ``validate`` raises ``BackendUnavailable`` naming pip.
 
         Fix: import the library inside ``validate`` and turn the ``ImportError`` into
@@ -323,7 +338,14 @@ class BackendConformance:
         from transformers import AutoConfig
 
         config = qcore.QuantConfig.from_dict(dict(self.config))
-        context = LoadContext(checkpoints["llama"], AutoConfig.from_pretrained(checkpoints["llama"]), False, self._dtype(), {"": "cpu"}, None)  # type: ignore[arg-type]
+        context = LoadContext(
+            checkpoints["llama"],
+            AutoConfig.from_pretrained(checkpoints["llama"]),
+            False,
+            self._dtype(),
+            {"": "cpu"},
+            None,
+        )  # type: ignore[arg-type]
         with pytest.raises(qcore.BackendUnavailable, match="pip install"):
             plugins.phase_caller("validate", self._plugin_name())(config=config, context=context)
 

@@ -56,10 +56,7 @@ def kernel_notes() -> str:
 
     if importlib.util.find_spec("eetq") is not None:
         return "kernel: eetq w8_a16_gemm on CUDA in float16; torch._weight_int8pack_mm elsewhere"
-    return (
-        "kernel: torch._weight_int8pack_mm (eetq package not installed); "
-        "dequantize + matmul for CPU float16/float32"
-    )
+    return "kernel: torch._weight_int8pack_mm (eetq package not installed); dequantize + matmul for CPU float16/float32"
 
 
 @qcore.hookimpl
