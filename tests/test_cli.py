@@ -20,16 +20,10 @@ import toy_backend
 from click.testing import CliRunner
 from qcore.checkpoint import CheckpointReader
 from qcore.cli import cli
+from qcore.testing.models import ARCHITECTURES, build
 
 INPUT_IDS = torch.tensor([[3, 5, 9, 17, 33, 65, 129, 200]])
-LLAMA = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+LLAMA = ARCHITECTURES["llama"][2]
 
 
 # -- fixtures ------------------------------------------------------------------------------------------------
@@ -38,12 +32,7 @@ LLAMA = dict(
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A full-precision (float32) tiny Llama with no tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "llama"
-    LlamaForCausalLM(LlamaConfig(**LLAMA)).save_pretrained(path)
-    return path
+    return build("llama", tmp_path_factory.mktemp("tiny") / "llama", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")

@@ -128,7 +128,7 @@ def from_pretrained(
     model = _build_skeleton(model_class, model_config, dtype, model_kwargs)
     keys = _KeyMapper(model, reader.tensors)
     candidates = _candidates(model)
-    applied, units = _assign(spec, model, keys, context)
+    applied, units = _assign(spec, model, candidates, keys, context)
     no_place = _check_fit(model, keys, reader, {name for unit in units for name in unit.context.modules}, pre_quantized)
     _report_unexpected(sorted(no_place), allow_unexpected, reader)
 
@@ -416,11 +416,10 @@ class _KeyMapper:
         return None
 
 
-def _assign(spec: Recipe | None, model: nn.Module, keys: _KeyMapper, context: LoadContext):
+def _assign(spec: Recipe | None, model: nn.Module, candidates: list[str], keys: _KeyMapper, context: LoadContext):
     """Module -> config, and one unit per (backend, config) with its context."""
     if spec is None:
         return {}, []
-    candidates = _candidates(model)
     applied = _assignment(spec, model, candidates)
     missing = sorted(set(applied) - set(keys.modules))
     if missing:
@@ -558,11 +557,10 @@ def _check_memory(model, applied, device_map, dtype, context: LoadContext) -> No
 
 
 def _size(nbytes: int) -> str:
-    """Bytes in the largest binary unit that keeps a number >= 1, e.g. ``"1.50 GiB"``."""
-    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= factor:
-            return f"{nbytes / factor:.2f} {unit}"
-    return f"{nbytes} bytes"
+    """``"1.50 GiB"``; a count under 1 KiB in words, as the memory message reads it (``"1000 bytes is free"``)."""
+    from qcore.sizes import format_nbytes
+
+    return f"{nbytes} bytes" if nbytes < 1024 else format_nbytes(nbytes)
 
 
 # -- phase 4: streaming -----------------------------------------------------------------------------------------

@@ -249,19 +249,10 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
 def _parse_size(size: int | str) -> int:
-    if isinstance(size, int) and size > 0:
-        return size
-    text = str(size).strip().upper()
-    for unit, factor in sorted(_UNITS.items(), key=lambda item: -len(item[0])):
-        if text.endswith(unit):
-            try:
-                value = float(text[: -len(unit)])
-            except ValueError:
-                break
-            if value > 0:
-                return int(value * factor)
-    raise ConfigError(f"max_shard_size {size!r} is not a positive size such as '5GB' or 500000000")
+    from qcore.sizes import parse_nbytes
+
+    try:
+        return parse_nbytes(size)
+    except ValueError:
+        raise ConfigError(f"max_shard_size {size!r} is not a positive size such as '5GB' or 500000000") from None

@@ -19,6 +19,7 @@ from torch import nn
 
 from qcore.errors import ConfigError
 from qcore.recipe import Recipe
+from qcore.sizes import format_nbytes
 
 __all__ = ["LayerSensitivity", "measure_sensitivity", "auto_recipe", "AutoRecipe"]
 
@@ -154,7 +155,7 @@ def auto_recipe(sensitivity: LayerSensitivity, budget: int, *, allow_full_precis
     smallest = sensitivity.fixed_nbytes + sum(min(size for _, size, _ in options[layer]) for layer in layers)
     if room <= 0 or smallest > budget:
         raise ConfigError(
-            f"no recipe fits {_size(budget)}: the smallest possible is {_size(smallest)}; raise the budget or add a "
+            f"no recipe fits {format_nbytes(budget)}: the smallest possible is {format_nbytes(smallest)}; raise the budget or add a "
             f"smaller candidate preset"
         )
     step = max(1, -(-room // _GRID))  # ceil: sizes rounded up on the grid, so the result never exceeds the budget
@@ -187,10 +188,3 @@ def auto_recipe(sensitivity: LayerSensitivity, budget: int, *, allow_full_precis
     parsed = {name: qcore.QuantConfig.from_dict(dict(config)) for name, config in sensitivity.configs.items()}
     recipe = Recipe([(layer, parsed[name] if name else None) for layer, name in choice.items()], default=None)
     return AutoRecipe(recipe, choice, sensitivity.total_nbytes(choice), sensitivity.total_error(choice), budget)
-
-
-def _size(nbytes: int) -> str:
-    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= factor:
-            return f"{nbytes / factor:.2f} {unit}"
-    return f"{nbytes} B"

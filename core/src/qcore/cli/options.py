@@ -135,29 +135,11 @@ class ByteSize(click.ParamType):
     """A memory size: ``8GB`` and ``512MB`` are decimal (as disks and cloud specs count), ``8GiB`` binary."""
 
     name = "SIZE"
-    _UNITS = {
-        "": 1,
-        "B": 1,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-    }
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        text = str(value).strip().upper().replace(" ", "")
-        number = text.rstrip("KMGTIB")
-        unit = text[len(number) :]
+        from qcore.sizes import parse_nbytes
+
         try:
-            size = float(number) * self._UNITS[unit]
-        except (ValueError, KeyError):
-            self.fail(f"{value!r} is not a size such as 8GB, 6.5GiB or 512MB", param, ctx)
-        if size <= 0:
-            self.fail(f"{value!r} must be positive", param, ctx)
-        return int(size)
+            return parse_nbytes(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)

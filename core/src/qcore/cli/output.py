@@ -15,6 +15,8 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from qcore.sizes import format_nbytes as format_bytes
+
 __all__ = [
     "configure_logging",
     "stdout",
@@ -47,16 +49,6 @@ def stderr() -> Console:
 
 def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
-
-
-def format_bytes(nbytes: float) -> str:
-    """Binary units (what memory is counted in): ``1.50 GiB``."""
-    value, unit = float(nbytes), "B"
-    for larger in ("KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024:
-            break
-        value, unit = value / 1024, larger
-    return f"{value:.0f} B" if unit == "B" else f"{value:.2f} {unit}"
 
 
 def format_seconds(seconds: float) -> str:

@@ -30,53 +30,26 @@ from typing import Any, ClassVar
 
 import pytest
 
-from qcore import hookimpl
 from qcore.testing.models import ARCHITECTURES, build, logits
+from qcore.timing import PhaseTimer
 
 __all__ = ["BackendConformance", "ARCHITECTURES", "build", "logits"]
 
 
-class _PhaseRecorder:
-    """An observer plugin: records the phases that ran and whether the checkpoint was pre-quantized."""
+class _PhaseRecorder(PhaseTimer):
+    """The phase timer, also noting whether each call saw a pre-quantized checkpoint."""
 
     def __init__(self) -> None:
-        self.phases: list[str] = []
+        super().__init__()
         self.pre_quantized: set[bool] = set()
 
-    def _record(self, phase: str, context: Any) -> None:
-        if phase not in self.phases:
-            self.phases.append(phase)
+    def observe(self, phase: str, context: Any) -> None:
         self.pre_quantized.add(context.pre_quantized)
 
-    @hookimpl(wrapper=True)
-    def validate(self, config, context):
-        self._record("validate", context)
-        return (yield)
-
-    @hookimpl(wrapper=True)
-    def update_device_map(self, config, context, device_map):
-        self._record("update_device_map", context)
-        return (yield)
-
-    @hookimpl(wrapper=True)
-    def preprocess_model(self, config, context, model):
-        self._record("preprocess_model", context)
-        return (yield)
-
-    @hookimpl(wrapper=True)
-    def load_weight(self, config, context, model, module_name, tensor_name, tensor):
-        self._record("load_weight", context)
-        return (yield)
-
-    @hookimpl(wrapper=True)
-    def postprocess(self, config, context, model):
-        self._record("postprocess", context)
-        return (yield)
-
-    @hookimpl(wrapper=True)
-    def optimize_runtime(self, config, context, model):
-        self._record("optimize_runtime", context)
-        return (yield)
+    @property
+    def phases(self) -> list[str]:
+        """The phases that ran, in the order they first ran."""
+        return list(self.calls)
 
 
 @contextlib.contextmanager
