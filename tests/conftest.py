@@ -39,6 +39,18 @@ def toy():
     qcore.unregister_plugin("toy")
 
 
+@pytest.fixture
+def toy_only(monkeypatch):
+    """The toy backend as the only plugin for one test (no entry points), discovery restored afterwards."""
+    import qcore
+
+    monkeypatch.setenv("QCORE_DISABLE_PLUGIN_AUTOLOAD", "1")
+    qcore.reset_plugins()
+    qcore.register_plugin(toy_backend.ToyPlugin(), "toy")
+    yield
+    qcore.reset_plugins()
+
+
 @pytest.fixture(scope="session")
 def checklist_run(tmp_path_factory) -> checklist.ChecklistRun:
     """CONTRIBUTING.md's "Adding a backend" commands, run as written on a freshly generated backend package."""

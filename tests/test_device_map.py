@@ -1,20 +1,185 @@
-"""Device maps through accelerate, and placements no device here can serve, refused before reading weights."""
+"""Device maps: every form works with every backend, automatic maps place by quantized size, and placements no
+device here can serve are refused before reading weights.
+
+Two-device placements are computed for a budget with a GPU index and checked without dispatching, so they run on
+any machine; the one test that dispatches across a GPU and the CPU is marked ``cuda``.
+"""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 import qcore
 import torch
-from tiny_models import logits
+from click.testing import CliRunner
+from qcore import placement
+from qcore.cli import cli
+from qcore.config import QuantConfig
+from qcore.loading import plan
+from tiny_models import build, logits
 
 TOY = {"quant_method": "toy_int8"}
+BACKENDS = {
+    "toy": TOY,
+    "bnb-nf4": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "bnb-int8": {"quant_method": "bitsandbytes", "load_in_8bit": True},
+    "eetq": {"quant_method": "eetq", "weights": "int8"},
+    "hqq": {"quant_method": "hqq", "nbits": 4, "group_size": 64},
+}
+#: "balanced" resolves exactly as "auto" does; None is the reference load.
+MAPS = ["auto", "balanced_low_0", "sequential", "cpu", {"": "cpu"}]
 
 
-@pytest.mark.parametrize("device_map", ["cpu", "auto", "balanced", "sequential", {"": "cpu"}, None])
-def test_cpu_device_maps_load_the_same_model(llama, toy, device_map):
-    model = qcore.from_pretrained(llama, TOY, device_map=device_map)
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory):
+    """A tiny Llama with four decoder layers, so a budget can split them."""
+    return build("llama", tmp_path_factory.mktemp("llama4") / "llama", num_hidden_layers=4)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_every_device_map_form_loads_with_every_backend(llama, toy, backend):
+    expected = logits(qcore.from_pretrained(llama, BACKENDS[backend]))  # device_map=None
+    for device_map in MAPS:
+        model = qcore.from_pretrained(llama, BACKENDS[backend], device_map=device_map)
+        assert {p.device.type for p in model.parameters()} == {"cpu"}, device_map
+        assert torch.equal(logits(model), expected), device_map
+
+
+class _Recorder:
+    """Records the device map each phase-2-or-earlier hook of the toy backend sees."""
+
+    def __init__(self):
+        self.seen: dict[str, list] = {"validate": [], "update_device_map": []}
+
+    @qcore.hookimpl(wrapper=True)
+    def validate(self, config, context):
+        self.seen["validate"].append(dict(context.device_map))
+        return (yield)
+
+    @qcore.hookimpl(wrapper=True)
+    def update_device_map(self, config, context, device_map):
+        self.seen["update_device_map"].append(dict(device_map))
+        return (yield)
+
+
+@pytest.mark.parametrize(
+    ("device_map", "requested"),
+    [("auto", {}), ("balanced_low_0", {}), ("sequential", {}), (None, {}), ("cpu", {"": "cpu"}),
+     ({"": "cpu"}, {"": "cpu"})],
+)  # fmt: skip
+def test_validate_sees_the_requested_map_and_update_device_map_the_resolved_one(llama, toy, device_map, requested):
+    recorder = _Recorder()
+    qcore.register_plugin(recorder, "recorder")
+    try:
+        qcore.from_pretrained(llama, TOY, device_map=device_map)
+    finally:
+        qcore.unregister_plugin("recorder")
+    assert recorder.seen["validate"] == [requested]
+    (resolved,) = recorder.seen["update_device_map"]
+    assert resolved and all(target == "cpu" for target in resolved.values())
+
+
+@pytest.mark.parametrize("backend", ["hqq", "bnb-nf4", "toy"])
+def test_auto_places_by_quantized_size_so_a_model_that_fits_quantized_loads(llama4, toy, backend):
+    model_plan = plan(llama4)
+    config = QuantConfig.from_dict(BACKENDS[backend])
+    applied = model_plan.assign(config)
+    sizes = placement.module_sizes(model_plan.model, applied, model_plan.dtype)
+    assert sum(sizes.values()) == model_plan.nbytes(config)
+    in_flight = placement.in_flight_nbytes(model_plan.model, applied, model_plan.dtype, False)
+    budget = placement.required_budget(sum(sizes.values()), in_flight)
+    assert budget < model_plan.nbytes()  # sized at full precision, accelerate would send layers to disk
+    model = qcore.from_pretrained(llama4, BACKENDS[backend], device_map="auto", max_memory={"cpu": budget})
     assert {p.device.type for p in model.parameters()} == {"cpu"}
-    assert torch.equal(logits(model), logits(qcore.from_pretrained(llama, TOY)))
+    with pytest.raises(qcore.ConfigError, match="'disk'"):  # the core's refusal, or the backend's own
+        qcore.from_pretrained(llama4, BACKENDS[backend], device_map="auto", max_memory={"cpu": budget * 3 // 4})
+
+
+def _placement(llama4, strategy, max_memory, backend="hqq"):
+    model_plan = plan(llama4)
+    applied = model_plan.assign(QuantConfig.from_dict(BACKENDS[backend]))
+    sizes = placement.module_sizes(model_plan.model, applied, model_plan.dtype)
+    in_flight = placement.in_flight_nbytes(model_plan.model, applied, model_plan.dtype, False)
+    return placement.place(model_plan.model, sizes, strategy, max_memory, in_flight=in_flight), sizes, in_flight
+
+
+def test_a_gpu_budget_splits_the_decoder_layers_between_gpu_and_cpu(llama4):
+    whole, sizes, in_flight = _placement(llama4, "auto", {"cpu": 10**9})
+    total = sum(sizes.values())
+    placed, _, _ = _placement(llama4, "auto", {0: total, "cpu": 10**9})  # the GPU's reserve pushes layers out
+    groups = placed.groups()
+    assert set(groups) == {0, "cpu"}
+    assert groups[0][0] == "model.embed_tokens" and any(g.startswith("model.layers.0") for g in groups[0])
+    assert any(g.startswith("model.layers.") for g in groups["cpu"]) and "lm_head" in groups["cpu"]
+    assert sum(placed.nbytes.values()) == total == whole.nbytes["cpu"]
+    for device, nbytes in placed.nbytes.items():
+        assert nbytes <= placed.budgets[device] - placed.reserves[device]
+    # The GPU keeps room for a CPU-placed block, moved there for each forward, on top of the usual reserve.
+    assert placed.reserves[0] > placement.reserve_nbytes(placed.budgets[0], in_flight)
+    layer = {name: device for name, device in placed.device_map.items() if name.startswith("model.layers.")}
+    assert all(isinstance(d, int) or d == "cpu" for d in layer.values())
+
+
+def test_balanced_spreads_layers_over_two_gpus_and_low_0_spares_the_first(llama4):
+    _, sizes, _ = _placement(llama4, "sequential", {"cpu": 10**9})
+    budget = sum(sizes.values())
+    sequential, _, _ = _placement(llama4, "sequential", {0: budget * 2, 1: budget * 2, "cpu": 10**9})
+    balanced, _, _ = _placement(llama4, "balanced", {0: budget * 2, 1: budget * 2, "cpu": 10**9})
+    low_0, _, _ = _placement(llama4, "balanced_low_0", {0: budget * 2, 1: budget * 2, "cpu": 10**9})
+    assert sequential.device_map == {"": 0}
+    assert balanced.nbytes[0] > 0 and balanced.nbytes[1] > 0
+    assert low_0.nbytes[0] < balanced.nbytes[0]
+    assert all(p.fits for p in (sequential, balanced, low_0))
+
+
+def test_max_memory_keys_and_sizes_are_checked():
+    assert placement.parse_max_memory({"cpu": "1KiB", "cuda:1": 5, "0": "2KB"}) == {0: 2000, 1: 5, "cpu": 1024}
+    with pytest.raises(qcore.ConfigError, match="max_memory key 'disk'"):
+        placement.parse_max_memory({"disk": "1GB"})
+    with pytest.raises(qcore.ConfigError, match=r"max_memory\['cpu'\]"):
+        placement.parse_max_memory({"cpu": "lots"})
+
+
+def _cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_estimate_prints_the_placement_from_config_json_alone(llama4, toy, tmp_path):
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(llama4 / "config.json", config_only / "config.json")  # no weights to read
+    _, sizes, _ = _placement(llama4, "auto", {"cpu": 10**9}, backend="toy")
+    gpu = sum(sizes.values())  # the GPU's reserve pushes some layers to the CPU
+    placed, _, _ = _placement(llama4, "auto", {0: gpu, "cpu": 10**9}, backend="toy")
+    assert set(placed.groups()) == {0, "cpu"}
+    result = _cli(
+        "estimate", config_only, "--preset", "toy-int8", "--device-map", "auto", "--max-memory", f"0={gpu},cpu=1GB",
+        "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)["presets"]
+    devices = {d["device"]: d for d in row["placement"]["devices"]}
+    assert set(devices) == {"0", "cpu"} and row["placement"]["fits"]
+    assert {d: devices[str(d)]["nbytes"] for d in placed.nbytes} == placed.nbytes
+    assert devices["0"]["modules"] == placed.groups()[0]
+    table = _cli("estimate", config_only, "--preset", "toy-int8", "--device-map", "auto", "--max-memory", f"0={gpu}")
+    assert table.exit_code == 0 and "cuda:0" in table.stdout and "model.embed_tokens" in table.stdout
+    assert _cli("estimate", config_only, "--max-memory", "0=1GB").exit_code == 2  # needs --device-map
+    assert "DEVICE=SIZE" in _cli("estimate", config_only, "--device-map", "auto", "--max-memory", "x").output
+
+
+def test_recommend_fits_exactly_when_the_placement_does(llama4, toy):
+    result = _cli("estimate", llama4, "--preset", "toy-int8", "--json")
+    (row,) = json.loads(result.stdout)["presets"]
+
+    def fits(memory: int) -> bool:
+        report = json.loads(_cli("recommend", llama4, "--memory", memory, "--device", "cpu", "--json").stdout)
+        return next(r["fits"] for r in report["presets"] if r["preset"] == "toy-int8")
+
+    assert fits(row["device_nbytes"]) and not fits(row["device_nbytes"] - 1)
+    assert row["nbytes"] < row["device_nbytes"]
 
 
 def test_explicit_per_module_map_is_honoured(llama, toy):
@@ -48,9 +213,27 @@ def test_auto_with_too_little_max_memory_is_refused_before_loading(llama, toy):
         qcore.from_pretrained(llama, TOY, device_map="auto", max_memory={"cpu": 20_000})
 
 
+def test_a_device_map_that_is_no_device_names_itself(llama, toy):
+    with pytest.raises(qcore.ConfigError, match="device_map 'everywhere' is not a device"):
+        qcore.from_pretrained(llama, TOY, device_map="everywhere")
+
+
+#: Backends whose quantized layers may run from the CPU beside a GPU (accelerate moves their weights in for the
+#: forward); bitsandbytes and HQQ refuse that placement in update_device_map, so they are split with their own
+#: rule: bnb keeps CPU modules in float32 (llm_int8_enable_fp32_cpu_offload), HQQ is split with plain layers on CPU.
+_SPLIT = {
+    "toy": TOY,
+    "eetq": BACKENDS["eetq"],
+    "bnb-nf4": {**BACKENDS["bnb-nf4"], "llm_int8_enable_fp32_cpu_offload": True},
+    "bnb-int8": {**BACKENDS["bnb-int8"], "llm_int8_enable_fp32_cpu_offload": True},
+    "hqq": {**BACKENDS["hqq"], "modules_to_not_convert": ["lm_head", "model.layers.1"]},
+}
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_split_across_cpu_and_gpu_runs_forward(llama, toy):
+@pytest.mark.parametrize("backend", sorted(_SPLIT))
+def test_split_across_gpu_and_cpu_matches_a_single_device_load(llama, toy, backend):
     device_map = {
         "model.embed_tokens": 0,
         "model.layers.0": 0,
@@ -59,6 +242,9 @@ def test_split_across_cpu_and_gpu_runs_forward(llama, toy):
         "model.rotary_emb": 0,
         "lm_head": "cpu",
     }
-    model = qcore.from_pretrained(llama, TOY, device_map=device_map)
-    assert model.model.layers[0].self_attn.q_proj.weight.device.type == "cuda"
-    assert torch.isfinite(logits(model).float()).all()
+    split = qcore.from_pretrained(llama, _SPLIT[backend], device_map=device_map)
+    single = qcore.from_pretrained(llama, _SPLIT[backend], device_map={"": 0})
+    assert split.model.layers[0].self_attn.q_proj.weight.device.type == "cuda"
+    expected, got = logits(single).float().cpu(), logits(split).float().cpu()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)

@@ -68,6 +68,58 @@ def test_quantize_save_reload_is_identical_without_requantizing(checkpoints, toy
     assert torch.equal(logits(reloaded), logits(model))
 
 
+#: One config per in-repo backend (and the test-only one), for the save/reload identity below.
+ROUND_TRIP_CONFIGS = {
+    "toy": TOY,
+    "bnb-nf4": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "bnb-int8": {"quant_method": "bitsandbytes", "load_in_8bit": True},
+    "hqq-4bit": {"quant_method": "hqq", "nbits": 4, "group_size": 64},
+    "eetq": {"quant_method": "eetq"},
+}
+
+
+def layout(model):
+    """Every tensor the model holds or saves, as (dtype, shape, strides): what a kernel sees besides the values."""
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    tensors.update({f"state_dict:{k}": v for k, v in model.state_dict().items()})
+    return {name: (t.dtype, tuple(t.shape), t.stride()) for name, t in tensors.items()}
+
+
+@pytest.mark.parametrize("method", list(ROUND_TRIP_CONFIGS))
+@pytest.mark.parametrize("arch", list(tiny_models.ARCHITECTURES))
+def test_a_loaded_model_is_laid_out_as_its_reload_and_computes_the_same(checkpoints, toy, tmp_path, arch, method):
+    """A reload reads contiguous tensors from the file; a model quantized in memory must hold the same layout, or
+    CPU bf16 matmuls (which round a transposed operand differently on CPUs without AMX) give other logits."""
+    model = qcore.from_pretrained(checkpoints[arch], ROUND_TRIP_CONFIGS[method])
+    qcore.save_pretrained(model, tmp_path / "out")
+    reloaded = qcore.from_pretrained(tmp_path / "out")
+    assert layout(reloaded) == layout(model)
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+@pytest.mark.parametrize("method", list(ROUND_TRIP_CONFIGS))
+def test_a_model_saved_after_a_forward_saves_what_it_loaded(checkpoints, toy, tmp_path, method):
+    """A kernel may repack a layer at its first forward (bitsandbytes 4-bit on AVX512-BF16 CPUs); saving then must
+    still write the loaded tensors, and the reload compute what the saved model computes."""
+    model = qcore.from_pretrained(checkpoints["llama"], ROUND_TRIP_CONFIGS[method])
+    loaded = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    first = logits(model)
+    qcore.save_pretrained(model, tmp_path / "out")
+    saved = model.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[name], tensor) for name, tensor in loaded.items())
+    assert torch.equal(logits(qcore.from_pretrained(tmp_path / "out")), first)
+    assert torch.equal(logits(model), first)
+
+
+def test_a_tied_output_layer_stays_in_full_precision_under_a_config_skip_list(checkpoints):
+    """hqq's own skip list (``["lm_head"]``) replaces transformers' defaults; BERT's decoder is tied to the word
+    embeddings all the same, and a quantized layer would leave tie_weights nothing to tie."""
+    model = qcore.from_pretrained(checkpoints["bert"], ROUND_TRIP_CONFIGS["hqq-4bit"])
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert "cls.predictions.decoder" not in model.qcore_applied
+
+
 def test_saved_files_are_safetensors_only(llama, toy, tmp_path):
     qcore.save_pretrained(qcore.from_pretrained(llama, TOY), tmp_path / "out")
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -152,7 +204,7 @@ def test_failed_save_leaves_the_destination_exactly_as_it_was(llama, toy, tmp_pa
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken_writer)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(qcore.CheckpointError, match=f"file {out}: cannot write the checkpoint .*disk full"):
         qcore.save_pretrained(model, out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directory left behind

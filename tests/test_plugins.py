@@ -145,13 +145,14 @@ def test_config_errors_name_the_field_and_the_fix(fake_site, monkeypatch, data, 
     "method, package", [("bitsandbytes", "qcore-bnb"), ("hqq", "qcore-hqq"), ("eetq", "qcore-eetq")]
 )
 def test_known_method_without_its_plugin_names_the_package(monkeypatch, method, package):
-    monkeypatch.setenv("QCORE_DISABLE_PLUGIN_AUTOLOAD", "1")
+    # As if no plugin were installed: no entry point is found (an installed but excluded one is named as such).
+    monkeypatch.setattr(plugins.importlib.metadata, "entry_points", lambda **selection: [])
     plugins.reset_plugins()
     try:
         with pytest.raises(qcore.ConfigError, match=f"pip install {package}"):
             qcore.QuantConfig.from_dict({"quant_method": method})
     finally:
-        monkeypatch.delenv("QCORE_DISABLE_PLUGIN_AUTOLOAD")
+        monkeypatch.undo()
         plugins.reset_plugins()
 
 

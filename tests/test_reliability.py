@@ -461,11 +461,11 @@ def test_bad_recipe_is_a_config_error(toy, recipe, message):
 
 @pytest.fixture
 def no_plugins(monkeypatch):
-    """As if no plugin were installed (the real ones may be, in this environment)."""
-    monkeypatch.setenv("QCORE_DISABLE_PLUGIN_AUTOLOAD", "1")
+    """As if no plugin were installed (the real ones may be, in this environment): no entry point is found."""
+    monkeypatch.setattr(plugins.importlib.metadata, "entry_points", lambda **selection: [])
     plugins.reset_plugins()
     yield
-    monkeypatch.delenv("QCORE_DISABLE_PLUGIN_AUTOLOAD")
+    monkeypatch.undo()
     plugins.reset_plugins()
 
 
@@ -530,8 +530,8 @@ def test_hostile_pickle_is_refused_even_with_the_opt_in(llama, tmp_path):
     assert not marker.exists()
     message = str(caught.value)
     assert caught.value.file == str(directory / "pytorch_model.bin")
-    assert "refused by torch.load(weights_only=True): the pickle asks to import and call code" in message
-    assert "GLOBAL exec" in message and "even with allow_pickle=True" in message
+    assert "the file tried to run code: its pickle asks to import and call builtins.exec" in message
+    assert "refused by torch.load(weights_only=True)" in message and "even with allow_pickle=True" in message
     assert "ask the publisher for safetensors weights" in message and "weights_only=False" not in message
     assert caught.value.__cause__ is None  # torch's own exception is not the interface
     # The payload is live (a careless loader would run it): the pickle really calls exec.
@@ -763,7 +763,8 @@ def test_failure_after_the_first_shard_leaves_the_destination_exactly_as_it_was(
         original(*args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "save_file", fail_on_the_second)
-    with pytest.raises(type(failure)):
+    # A failed write is reported naming the destination; an interrupt goes through as it is.
+    with pytest.raises(qcore.CheckpointError if isinstance(failure, OSError) else type(failure)):
         qcore.save_pretrained(toy_model, out, max_shard_size="40KB", overwrite=True)
     assert len(writes) == 2 and contents(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the staging directory was removed
@@ -778,7 +779,7 @@ def test_failure_in_the_final_swap_leaves_the_destination_exactly_as_it_was(toy_
         raise OSError("EIO")
 
     monkeypatch.setattr("qcore.saving._exchange", broken_exchange)
-    with pytest.raises(OSError, match="EIO"):
+    with pytest.raises(qcore.CheckpointError, match=f"file {out}: cannot write the checkpoint .*EIO"):
         qcore.save_pretrained(toy_model, out, overwrite=True)
     assert contents(out) == before and [p.name for p in tmp_path.iterdir()] == ["out"]
 

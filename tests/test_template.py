@@ -64,6 +64,53 @@ def test_every_value_is_filled_and_the_python_parses(tmp_path, name, method, lib
             assert not long, f"{path}: lines {long} are longer than the repository's 120 characters"
 
 
+def test_the_optional_sections_add_a_container_reader_and_a_calibrating_scheme(tmp_path):
+    plain = rendered_files(scaffold.render("plain", library="packaging", output=tmp_path / "plain"))
+    full = rendered_files(
+        scaffold.render("full", library="packaging", reader=".myfmt", calibrating=True, output=tmp_path / "full")
+    )
+    assert set(full) - {name.replace("qcore_plain", "qcore_full") for name in plain} == {
+        "src/qcore_full/reader.py",
+        "tests/test_reader.py",
+        "tests/test_calibration.py",
+    }
+    for path, text in full.items():
+        assert not re.search(r"\{\{|\}\}", text), f"{path} has an unfilled placeholder or section marker"
+        if path.endswith(".py"):
+            ast.parse(text, filename=path)
+            assert all(len(line) <= 120 for line in text.splitlines()), f"{path} has lines over 120 characters"
+    plugin = full["src/qcore_full/plugin.py"]
+    assert 'readers={".myfmt": open_container}' in plugin and "def calibrate_block(" in plugin
+    assert "def dequantize_module(" in plain["src/qcore_plain/plugin.py"]
+    assert "calibrate" not in plain["src/qcore_plain/config.py"]
+    assert "readers=" not in plain["src/qcore_plain/plugin.py"]
+    with pytest.raises(QcoreError, match="reader suffix 'myfmt' must be a dot"):
+        scaffold.render("bad", reader="myfmt", output=tmp_path)
+
+
+@pytest.mark.slow
+def test_the_optional_sections_pass_their_own_tests_once_installed(tmp_path):
+    """The package with both sections, installed into a scratch environment: its reader tests and both conformance
+    runs (plain and calibrating) pass."""
+    result = CliRunner().invoke(
+        cli, ["new-backend", "sections", "--library", "packaging", "--reader", ".myfmt", "--calibrating",
+              "--output", str(tmp_path)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    python = checklist._scratch_environment(tmp_path / "venv")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("QCORE_", "PYTEST_"))}
+    env.update(PIP_NO_INDEX="1", PIP_NO_BUILD_ISOLATION="0", QCORE_LOAD_PLUGINS="qcore-sections")
+    package = tmp_path / "qcore-sections"
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "-e", str(package)], check=True, env=env)
+    completed = subprocess.run(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=package, env=env, capture_output=True, text=True
+    )
+    summary = completed.stdout.strip().splitlines()[-1]
+    assert completed.returncode == 0, completed.stdout[-3000:]
+    assert summary.startswith(f"{2 * len(BackendConformance._STANDARD) + 4} passed"), summary
+    assert not any(word in summary for word in ("failed", "error", "skipped", "xfail")), summary
+
+
 def test_import_name_comes_from_the_installed_library():
     assert scaffold.template_values("mylib", library="PyYAML")["library_module"] == "yaml"
     assert scaffold.template_values("mylib", library="my-lib")["library_module"] == "my_lib"

@@ -128,6 +128,16 @@ class ToyPlugin:
         CALLS.append(("optimize_runtime", context.modules))
         context.report_kernel("toy-dequant-matmul")
 
+    @hookimpl
+    def dequantize_module(self, config, module_name, module, dtype):
+        import torch
+
+        weight = (module.weight.to(torch.float32) * module.weight_scale[:, None]).to(dtype)
+        tensors = {"weight": weight.T.contiguous() if module.transposed else weight}
+        if module.bias is not None:
+            tensors["bias"] = module.bias.detach().to(dtype)
+        return tensors
+
 
 def torch_float32():
     import torch

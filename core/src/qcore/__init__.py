@@ -17,6 +17,7 @@ from qcore.errors import BackendUnavailable, CheckpointError, ConfigError, Plugi
 from qcore.plugins import backends, register_plugin, reset_plugins, unregister_plugin
 
 if TYPE_CHECKING:
+    from qcore.convert import dequantize
     from qcore.loading import from_pretrained
     from qcore.recipe import Recipe
     from qcore.saving import save_pretrained
@@ -25,6 +26,7 @@ __all__ = [
     "hookimpl",
     "from_pretrained",
     "save_pretrained",
+    "dequantize",
     "backends",
     "register_plugin",
     "unregister_plugin",
@@ -45,7 +47,12 @@ __all__ = [
 #: Marker for hook implementations: ``@qcore.hookimpl def load_weight(...)``.
 hookimpl = pluggy.HookimplMarker("qcore")
 
-_LAZY = {"from_pretrained": "qcore.loading", "save_pretrained": "qcore.saving", "Recipe": "qcore.recipe"}
+_LAZY = {
+    "from_pretrained": "qcore.loading",
+    "save_pretrained": "qcore.saving",
+    "dequantize": "qcore.convert",
+    "Recipe": "qcore.recipe",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -10,11 +10,16 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from packaging.requirements import Requirement
 
 from qcore.config import QuantConfig
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from qcore.checkpoint import CheckpointSource
 
 __all__ = ["Backend", "Preset", "BackendInfo"]
 
@@ -33,6 +38,8 @@ class Preset:
     needs_calibration: bool = False
     #: Devices with a fast kernel for this preset, e.g. ``("cuda",)``; others run a slower fallback.
     fast_on: tuple[str, ...] = ()
+    #: The backend's default choice, the one ``qcore demo`` shows (a backend's first preset when none says so).
+    recommended: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +51,18 @@ class Backend:
     #: ``quant_method`` -> config class, for every method the backend serves.
     configs: Mapping[str, type[QuantConfig]]
     presets: tuple[Preset, ...] = ()
-    #: Requirement strings the backend's library must satisfy, e.g. ``("bitsandbytes>=0.46.1",)``.
+    #: Requirement strings the backend's library must satisfy, e.g. ``("bitsandbytes>=0.50.0",)``.
     requires: tuple[str, ...] = ()
     #: Extra availability check returning why the backend cannot run (with the fix), or ``None``. It must not
     #: import torch or the backend's library.
     check: Callable[[], str | None] | None = None
     #: Notes on an available backend, e.g. which kernel it will use here; same rules as ``check``.
     notes: Callable[[], str | None] | None = None
+    #: Container formats this plugin reads: lower-case file suffix (``".gguf"``) -> a factory called with the path of
+    #: such a weight file (already checked to lie inside its checkpoint directory) that returns a
+    #: :class:`~qcore.checkpoint.CheckpointSource`. Declared at registration, so the factory must import its
+    #: reader (and torch, and the container's library) only when called.
+    readers: Mapping[str, Callable[[Path], CheckpointSource]] = dataclasses.field(default_factory=dict)
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run here, with the fix; ``None`` when it can."""
@@ -75,8 +87,10 @@ class BackendInfo:
     methods: tuple[str, ...]
     presets: tuple[str, ...]
     available: bool
-    #: Why the backend is unavailable, with the fix; for an available backend, notes such as the kernel it uses.
+    #: Why the backend is unavailable, with the fix; ``None`` for an available backend.
     reason: str | None
+    #: Notes on an available backend, such as the kernel it will use here (``Backend.notes``); ``None`` otherwise.
+    notes: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

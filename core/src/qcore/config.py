@@ -9,6 +9,7 @@ six phases; this module itself imports neither torch nor any backend library.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -53,6 +54,11 @@ class QuantConfig:
             return data
         if not isinstance(data, Mapping):
             raise ConfigError(f"a quantization config must be a dict or a QuantConfig, not {type(data).__name__}")
+        for key, value in data.items():
+            where = _non_finite(value, str(key))
+            if where is not None:
+                method = data.get("quant_method", cls.quant_method) or "quantization"
+                raise ConfigError(f"{method} config: field {where!r} must be a finite number")
         if cls is QuantConfig:
             from qcore.plugins import config_class_for
 
@@ -89,6 +95,11 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         # Checked on construction, so a config built in code is held to the same ranges as one parsed from a dict.
+        for field in dataclasses.fields(self):
+            where = _non_finite(getattr(self, field.name), field.name)
+            if where is not None:
+                # JSON's NaN and Infinity parse in Python; no quantization setting means anything with them.
+                raise ConfigError(f"{self.quant_method} config: field {where!r} must be a finite number")
         self.check()
 
     def check(self) -> None:
@@ -124,6 +135,17 @@ class QuantConfig:
 
     # -- what the core asks of a config ----------------------------------------------------------------
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing with this config needs calibration data (GPTQ, AWQ): the loader then streams the model
+        one decoder block at a time and calls ``calibrate_block`` instead of ``load_weight`` for its modules.
+
+        Only full-precision checkpoints are calibrated; loading a pre-quantized one never is. A subclass sets it as
+        a class attribute (``needs_calibration: ClassVar[bool] = True``) or overrides the property when a field
+        decides it.
+        """
+        return False
+
     def skip_modules(self) -> list[str] | None:
         """Module names (or patterns, matched as transformers matches them) the user keeps in full precision.
 
@@ -131,6 +153,16 @@ class QuantConfig:
         transformers keeps them. A list replaces those defaults.
         """
         return getattr(self, self.skip_field) if self.skip_field else None
+
+    def shape_fallback(self, module_name: str, out_features: int, in_features: int) -> str | None:
+        """What this config does with a ``Linear(in_features, out_features)`` its settings do not fit.
+
+        ``None`` when they fit. Otherwise a few words on the documented fallback the backend takes instead (e.g.
+        ``"group_size 32: 64 does not divide in_features=1376"`` or ``"kept in full precision: ..."``), which the load
+        reports and ``qcore estimate`` lists; :meth:`quantized_nbytes` counts the fallback's size. A config the user
+        made strict raises :class:`ConfigError` naming the module instead. Must not import torch.
+        """
+        return None
 
     def quantized_nbytes(self, out_features: int, in_features: int, dtype_nbytes: int) -> int:
         """Bytes a quantized ``Linear(in_features, out_features)`` weight takes, quantization metadata included.
@@ -143,6 +175,23 @@ class QuantConfig:
     def short_name(self) -> str:
         """A few words for tables, e.g. ``"bitsandbytes nf4"``."""
         return self.quant_method
+
+
+def _non_finite(value: Any, where: str) -> str | None:
+    """The path (``field``, ``field['key'][0]``) of the first NaN or infinite number in a config value, if any."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
+    if isinstance(value, Mapping):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite(item, f"{where}[{key!r}]")
+        if found is not None:
+            return found
+    return None
 
 
 def _matches(value: Any, hint: Any) -> bool:

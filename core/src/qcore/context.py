@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
 
-    from qcore.checkpoint import CheckpointReader
+    from qcore.checkpoint import CheckpointSource, TensorInfo
 
 __all__ = ["LoadContext"]
 
@@ -36,14 +36,22 @@ class LoadContext:
     dtype: torch.dtype
     #: accelerate-style device map: module-name prefix -> device; ``""`` is the whole model.
     device_map: dict[str, Any]
-    #: The checkpoint's tensors (names, dtypes, shapes), read from headers only.
-    checkpoint: CheckpointReader
+    #: The checkpoint's tensors (names, stored types, shapes) and its ``metadata``, read from headers only.
+    checkpoint: CheckpointSource
     #: The modules this backend owns (names in the model), in model order.
     modules: tuple[str, ...] = ()
     #: Kernels chosen in ``optimize_runtime``: backend name -> kernel name; shared by every backend of the load.
     kernels: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Modules a config's settings did not fit, and what the backend did instead (``report_fallback``); shared by
+    #: every backend of the load and shown as ``model.qcore_fallbacks``.
+    fallbacks: dict[str, str] = dataclasses.field(default_factory=dict)
     #: The backend this context was made for.
     backend_name: str = ""
+    #: True when this backend's modules are quantized by ``calibrate_block`` (its config needs calibration and the
+    #: checkpoint is full precision): ``preprocess_model`` must then leave them as they are.
+    calibrating: bool = False
+    #: Decoder block name -> the names of this backend's modules inside it, for a calibrating load.
+    _blocks: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict, repr=False)
     #: Checkpoint key -> model key renames applied (prefix added or removed), shared by the load.
     _pending: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, repr=False)
     _module_keys: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=dict, repr=False)
@@ -67,9 +75,29 @@ class LoadContext:
             device = "cpu"
         return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
 
+    def block_modules(self, block_name: str) -> tuple[str, ...]:
+        """The modules this backend owns inside decoder block ``block_name`` (names in the model), in model order."""
+        return self._blocks.get(block_name, ())
+
     def tensor_names(self, module_name: str) -> frozenset[str]:
         """Names (relative to the module) of every checkpoint tensor that belongs to ``module_name``."""
         return self._module_keys.get(module_name, frozenset())
+
+    def stored_info(self, module_name: str, tensor_name: str, base_model_prefix: str = "") -> TensorInfo:
+        """The header entry (shape, stored dtype) of one of a module's checkpoint tensors, read before any data.
+
+        Checkpoints name tensors with or without the model's base-model prefix (``model.``), as transformers
+        accepts both; pass ``model.base_model_prefix`` to find either.
+
+        :raises CheckpointError: the checkpoint has no such tensor.
+        """
+        key = f"{module_name}.{tensor_name}"
+        prefix = base_model_prefix + "." if base_model_prefix else ""
+        for candidate in (key, key.removeprefix(prefix) if prefix else key, prefix + key):
+            info = self.checkpoint.tensors.get(candidate)
+            if info is not None:
+                return info
+        raise CheckpointError(f"no header entry for {key}", file=str(self.source), tensor=key)
 
     def gather(
         self, module_name: str, tensor_name: str, tensor: Any, *, exclude: tuple[str, ...] = ("bias",)
@@ -97,6 +125,11 @@ class LoadContext:
                 file=str(self.source),
                 tensor=f"{module_name}.{missing[0]}" if missing else module_name,
             )
+
+    def report_fallback(self, module_name: str, what: str) -> None:
+        """Record that ``module_name`` does not fit the config's settings and what was done instead (the words of
+        :meth:`QuantConfig.shape_fallback`); the load summary and ``model.qcore_fallbacks`` show it."""
+        self.fallbacks[module_name] = what
 
     def report_kernel(self, kernel: str) -> None:
         """Record the kernel this backend chose in ``optimize_runtime`` (shown as ``model.qcore_kernels``)."""

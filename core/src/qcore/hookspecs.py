@@ -1,10 +1,18 @@
-"""The qcore hook specification: one registration hook and the six loading phases, in the order they run.
+"""The qcore hook specification: one registration hook, the six loading phases in the order they run, and three
+extension hooks beside them (calibration, stored metadata, dequantization).
 
 A backend is a pluggy plugin (usually a module named by an entry point in the ``qcore`` group) that implements
 :func:`register_backend` and some of the six phases. The loader (``qcore/loading.py``) runs the phases
 top to bottom for every backend the model uses::
 
     validate -> update_device_map -> preprocess_model -> load_weight (once per tensor) -> postprocess -> optimize_runtime
+
+Three hooks extend that pipeline without adding phases: :func:`calibrate_block` replaces ``load_weight`` for a
+config that needs calibration data (GPTQ, AWQ), one decoder block at a time; :func:`save_metadata` adds entries to
+the safetensors ``__metadata__`` header when a model is saved; :func:`dequantize_module` is the inverse of
+``load_weight``, used by :func:`qcore.dequantize` and ``qcore convert``. A container format other than safetensors
+is not a hook but a field of the :class:`~qcore.Backend` a plugin registers (``readers``, a file suffix -> a
+:class:`~qcore.checkpoint.CheckpointSource` factory).
 
 Only the backends the model actually uses run their phase hooks, each with only its own modules: a model whose
 recipe mixes methods calls every phase once per (backend, config) pair. Plugins that are not backends (a timing or
@@ -26,9 +34,11 @@ import pluggy
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
     from transformers import PreTrainedModel
 
     from qcore.backend import Backend
+    from qcore.calibration import BlockInputs
     from qcore.config import QuantConfig
     from qcore.context import LoadContext
 
@@ -71,6 +81,10 @@ def validate(config: QuantConfig, context: LoadContext) -> None:
     :param config: the config this backend will apply, already merged with the user's loading attributes.
     :param context: the load: ``context.model_config``, ``context.dtype`` and ``context.pre_quantized`` are set;
         ``context.checkpoint`` is ``None`` and ``context.modules`` empty, because no weight has been looked at yet.
+        ``context.device_map`` is the map the caller *requested*, holding only the devices it names: a dict as given,
+        ``{"": device}`` for a device string or index, and ``{}`` for ``"auto"``, ``"balanced"``,
+        ``"balanced_low_0"``, ``"sequential"`` and no map at all, which name no device until they are resolved.
+        The resolved map arrives in :func:`update_device_map`.
     :returns: nothing; refuse by raising.
 
     Implementing in a backend: required. Import the backend's library here (not at module import) and raise
@@ -95,7 +109,9 @@ def update_device_map(config: QuantConfig, context: LoadContext, device_map: dic
 
     :param config: the config this backend applies.
     :param context: the load; ``context.modules`` lists the modules this backend owns.
-    :param device_map: the current map (already resolved from ``"auto"``/``"balanced"`` by accelerate).
+    :param device_map: the *resolved* map: a strategy (``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
+        ``"sequential"``) already turned into module prefixes by :mod:`qcore.placement` from each module's
+        quantized size, a device string into ``{"": device}``, a dict as given; ``context.device_map`` is the same.
     :returns: a new map, or ``None`` to keep the current one.
 
     Implementing in a backend: optional. Return a new dict rather than mutating the argument. Raise
@@ -169,6 +185,54 @@ def load_weight(
 
 
 # -------------------------------------------------------------------------------------------------
+# Phase 4, with calibration: calibrate_block (per decoder block)
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def calibrate_block(
+    config: QuantConfig,
+    context: LoadContext,
+    model: PreTrainedModel,
+    block_name: str,
+    block: nn.Module,
+    inputs: BlockInputs,
+) -> None:
+    """Quantize the modules this backend owns in one decoder block, from the block's inputs on calibration data.
+
+    Runs instead of :func:`load_weight` for the modules of a config whose ``needs_calibration`` is true, when the
+    checkpoint is not pre-quantized. The core then streams the model one decoder block at a time, in model order:
+    every tensor outside the decoder blocks first (embeddings, final norm, head), then, for each block, all of its
+    tensors, placed in full precision on the block's device. Once a block is complete this hook runs with the
+    calibration batch's inputs to it; afterwards the core runs the (now quantized) block on those inputs to make the
+    next block's inputs, and frees the full-precision tensors. Peak memory is the quantized model, one block in full
+    precision and the calibration activations. Modules the backend owns outside every decoder block (a recipe that
+    quantizes ``lm_head``) still reach :func:`load_weight`.
+
+    :param config: the config this backend applies.
+    :param context: the load; ``context.modules`` lists every module this backend owns in the model, and
+        ``context.block_modules(block_name)`` those inside this block.
+    :param model: the model being filled; blocks after this one are still on the meta device.
+    :param block_name: the block's name in the model, e.g. ``"model.layers.3"``.
+    :param block: the block, every tensor real: this backend's modules are the skeleton's own ``nn.Linear`` (or
+        transformers ``Conv1D``) holding full-precision weights; modules other backends own are already quantized.
+    :param inputs: the calibration batch's inputs to the block, as the model passes them: ``inputs.args[i]`` and
+        ``inputs.kwargs[i]`` for sequence ``i`` (hidden states first, then the attention mask, position embeddings
+        and so on), and ``inputs.run(block)`` to run any module built on them (a layer's input activations are
+        collected with forward hooks on its Linears while ``run`` executes).
+    :returns: nothing; the block is mutated in place.
+
+    Implementing in a backend: required for a backend whose config sets ``needs_calibration``. Replace every module
+    of ``context.block_modules(block_name)`` with its quantized counterpart (``block.set_submodule``), on the
+    block's device, and keep no reference to the full-precision weights: the core checks that each was replaced and
+    frees them. In :func:`preprocess_model`, leave such modules as they are when ``context.calibrating`` is true
+    (the core places their full-precision weights, which needs the original modules). May run the block as often
+    as the algorithm needs (GPTQ runs it once per sub-layer group), and may touch the GPU. Runs under
+    ``torch.no_grad()``.
+    """
+
+
+# -------------------------------------------------------------------------------------------------
 # Phase 5: postprocess (finish)
 # -------------------------------------------------------------------------------------------------
 
@@ -213,4 +277,57 @@ def optimize_runtime(config: QuantConfig, context: LoadContext, model: PreTraine
     """
 
 
+# -------------------------------------------------------------------------------------------------
+# After loading: saving and dequantizing
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def save_metadata(config: QuantConfig, model: PreTrainedModel, modules: tuple[str, ...]) -> dict[str, str] | None:
+    """Entries this backend stores in the safetensors ``__metadata__`` header when the model is saved.
+
+    Runs in :func:`qcore.save_pretrained`, once per (backend, config) the model was loaded with, before any file is
+    written. The entries of every backend are merged (two backends giving one key different values is an error) and
+    written, with ``"format": "pt"``, into the header of every shard, as transformers writes its quantizers'
+    metadata; a load merges the headers of all shards back into ``context.checkpoint.metadata``.
+
+    :param config: the config this backend applied.
+    :param model: the model being saved.
+    :param modules: the names of the modules this backend owns, in model order.
+    :returns: ``{key: value}`` with string keys and values (JSON text for structured values), or ``None`` for none.
+
+    Implementing in a backend: optional; for formats whose tensors need a description the tensors cannot carry
+    (torchao writes one JSON entry per tensor subclass and a ``tensor_names`` list). Must not mutate the model. Read
+    the entries back in :func:`load_weight` from ``context.checkpoint.metadata`` and validate them there, raising
+    :class:`~qcore.CheckpointError` naming the key for a malformed one.
+    """
+
+
+@hookspec(firstresult=True)
+def dequantize_module(
+    config: QuantConfig, module_name: str, module: nn.Module, dtype: torch.dtype
+) -> dict[str, torch.Tensor] | None:
+    """The full-precision tensors of one module this backend owns: the inverse of :func:`load_weight`.
+
+    Used by :func:`qcore.dequantize` (which swaps each quantized module for a plain one in place) and by
+    ``qcore convert`` (which streams these tensors into another backend, one module at a time, never holding the
+    full-precision model). Stops at first non-None result.
+
+    :param config: the config this backend applied to the module.
+    :param module_name: the module's name in the model, e.g. ``"model.layers.0.mlp.down_proj"``.
+    :param module: the quantized module, as :func:`load_weight` and :func:`postprocess` left it.
+    :param dtype: the floating dtype the tensors must have.
+    :returns: the tensors in the plain transformers naming and layout: ``{"weight": ...}`` shaped ``[out, in]`` for
+        an ``nn.Linear``, ``[in, out]`` for a transformers ``Conv1D``, plus ``"bias"`` when the module has one; on
+        the module's device. ``None`` when this backend does not own the module.
+
+    Implementing in a backend: required for ``qcore convert`` and ``qcore.dequantize`` to accept the backend's
+    models. Return new tensors and leave the module unchanged; the result must be the exact dequantized weight the
+    module computes with (within the error bound the backend documents; the conformance suite checks it against a
+    fresh quantization). May touch the GPU.
+    """
+
+
 PHASES = ("validate", "update_device_map", "preprocess_model", "load_weight", "postprocess", "optimize_runtime")
+#: The hooks beside the phases, in the order they appear above.
+EXTENSIONS = ("calibrate_block", "save_metadata", "dequantize_module")

@@ -7,6 +7,11 @@
 
 Peak memory stays near the quantized model plus the tensor in hand: the skeleton holds no weights, each tensor is
 read from a memory map, converted and placed on its device, and dropped before the next is read.
+
+The weights come from a :class:`~qcore.checkpoint.CheckpointSource` that :func:`~qcore.checkpoint.open_checkpoint`
+picks (safetensors, opt-in pickle, or a plugin's container reader such as GGUF's, opened before ``validate``
+when the container carries the config). With a config that needs calibration, phase 4 streams the model one decoder
+block at a time instead (:func:`_stream_calibrated`, with :mod:`qcore.calibration`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import functools
 import json
 import logging
 import os
-import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,11 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from qcore import plugins
-from qcore.checkpoint import CheckpointReader
+from qcore import cache as quantized_cache
+from qcore import placement, plugins
+from qcore.checkpoint import CheckpointReader, CheckpointSource, open_checkpoint
 from qcore.config import QuantConfig
 from qcore.context import LoadContext
 from qcore.errors import CheckpointError, ConfigError, InsufficientMemory, PluginError, QcoreError
+from qcore.memory import release_heap
+from qcore.placement import STRATEGIES
 from qcore.recipe import RECIPE_METHOD, Recipe
 
 __all__ = ["from_pretrained", "plan", "LoadPlan", "estimate_nbytes"]
@@ -69,7 +76,7 @@ class _Unit:
 
 @_one_load_at_a_time
 def from_pretrained(
-    src: str | os.PathLike[str],
+    src: str | os.PathLike[str] | CheckpointSource,
     quantization_config: QuantConfig | Recipe | Mapping[str, Any] | None = None,
     *,
     dtype: torch.dtype | str | None = None,
@@ -77,10 +84,14 @@ def from_pretrained(
     max_memory: Mapping[Any, int | str] | None = None,
     model_class: type | None = None,
     revision: str | None = None,
+    gguf_file: str | None = None,
+    calibration: Any = None,
     allow_pickle: bool = False,
     allow_unexpected: bool = False,
     check_memory: bool = True,
+    mmap_weights: bool = False,
     progress: Any = None,
+    cache: bool | str | os.PathLike[str] | None = None,
     **model_kwargs: Any,
 ):
     """Load a transformers model from ``src``, quantizing its weights while loading.
@@ -88,52 +99,99 @@ def from_pretrained(
     Safe to call from several threads; the loads run one at a time (building a transformers model patches
     process-wide state). Load in separate processes to load in parallel.
 
-    :param src: a local checkpoint directory or a hub id (``"org/name"``, resolved through huggingface_hub: config.json
-        first, then only the weight files needed).
+    :param src: a local checkpoint directory, a weight file in one (``model.gguf``: any container an installed
+        plugin reads), a hub id (``"org/name"``, resolved through huggingface_hub: config.json first, then only the
+        weight files needed), or a :class:`~qcore.checkpoint.CheckpointSource` (``qcore convert`` passes one).
     :param quantization_config: a :class:`~qcore.QuantConfig`, a :class:`~qcore.Recipe`, or the dict transformers writes
         as ``quantization_config`` (``{"quant_method": ...}``; ``{"rules": [...]}`` for a recipe). ``None`` loads a
         plain checkpoint unquantized and a pre-quantized checkpoint as it was saved. Given with a pre-quantized
         checkpoint, only its loading attributes (e.g. a compute dtype) apply.
     :param dtype: dtype of the weights kept in full precision; defaults to the checkpoint's.
-    :param device_map: ``"cpu"``, ``"cuda:0"``, ``"auto"``, ``"balanced"``, ``"sequential"`` or an accelerate-style dict.
-    :param max_memory: per-device limits for ``"auto"``/``"balanced"`` maps, as accelerate takes them.
+    :param device_map: ``"cpu"``, ``"cuda:0"``, a GPU index, ``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
+        ``"sequential"`` or an accelerate-style dict. The automatic strategies place each module by its quantized
+        size, keeping a reserve free on each device (:mod:`qcore.placement`).
+    :param max_memory: per-device budgets for the automatic strategies (``{0: "24GiB", "cpu": "64GiB"}``); by
+        default the free memory of each device.
     :param model_class: the transformers class to build; by default the one config.json's ``architectures`` names.
+    :param gguf_file: the weight file to read in ``src`` (a directory or hub id), as transformers spells it; for
+        any container a plugin reads. With a hub id, only that file is downloaded.
+    :param calibration: calibration data for a config that needs it (GPTQ): texts, or token ids (a ``[n, tokens]``
+        tensor or a list of 1-D ones); by default :func:`qcore.corpus.calibration_texts`. Ignored otherwise.
     :param allow_pickle: load ``.bin``/``.pt`` weights (with ``torch.load(weights_only=True)``) instead of refusing.
     :param allow_unexpected: only warn about checkpoint tensors the model has no place for.
     :param check_memory: refuse up front, with both numbers, a load that cannot fit in the target devices' memory.
+    :param mmap_weights: keep the tensors loaded as stored (unquantized ones, pre-quantized codes) as copy-on-write
+        views of the safetensors files instead of reading them into memory of their own. The views cost no
+        anonymous memory (the pages are the file's, shared with other processes, dropped under pressure), but the
+        model then reads the files for its whole life: rewriting one in place changes its outputs, truncating one
+        kills the process (SIGBUS). Only for files nothing will change (docs/security.md has the measured costs).
     :param progress: a callable ``(done, total, name)`` called after each tensor (the CLI draws a bar with it).
+    :param cache: keep the result of an on-the-fly load in the cache of quantized copies and load it from there
+        next time (:mod:`qcore.cache`): ``True`` for ``QCORE_CACHE_DIR`` (default ``~/.cache/qcore/quantized``), a
+        path for another directory, ``False`` never; ``None`` (the default) caches only when ``QCORE_CACHE_DIR``
+        is set. Plain and pre-quantized loads never use it.
     :param model_kwargs: passed to the model's constructor (e.g. ``attn_implementation``).
     :returns: a ``transformers.PreTrainedModel`` in eval mode.
     """
-    source = _resolve_source(src, revision)
-    model_config = _read_model_config(source, model_kwargs)
+    # A weight file, or a container that carries its own config, is opened (headers only) before validate.
+    source, reader = _locate(src, revision, gguf_file, allow_pickle)
+    container_config = reader.model_config() if reader is not None else None
+    model_config = container_config or _read_model_config(source, model_kwargs)
+    if container_config is not None and model_kwargs.pop("trust_remote_code", False):
+        raise ConfigError("qcore never runs a checkpoint's own code: trust_remote_code is not supported")
     spec, pre_quantized = _resolve_spec(model_config, quantization_config)
     dtype = _resolve_dtype(dtype, model_config)
 
     # Phase 1: validate every (backend, config) before a single weight is read or downloaded.
-    requested_map = (
-        dict(device_map) if isinstance(device_map, Mapping) else {"": device_map} if device_map is not None else {}
-    )
+    requested_map = _requested_device_map(device_map)
     context = LoadContext(source, model_config, pre_quantized, dtype, requested_map, None)  # type: ignore[arg-type]
     configs = spec.configs() if spec is not None else []
     for config in configs:
         registered = plugins.ensure_available(config.quant_method)
         _run("validate", registered, None, config=config, context=context.for_backend(registered.distribution, (), {}))
 
-    source = _fetch_weights(src, source, revision)
-    reader = CheckpointReader(source, allow_pickle=allow_pickle)
-    reader.load_pickle_infos()
+    if reader is None:
+        source = _fetch_weights(src, source, revision)
+        reader = open_checkpoint(source, allow_pickle=allow_pickle)
+    if isinstance(reader, CheckpointReader):
+        reader.mapped = mmap_weights
     context.source, context.checkpoint = source, reader
+    if spec is not None and not pre_quantized and quantized_cache.wanted(cache):
+        # Validated and located: from here a verified cached copy replaces the quantization (see qcore.cache).
+        return quantized_cache.load_or_build(
+            lambda: from_pretrained(
+                src, quantization_config, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                model_class=model_class, revision=revision, gguf_file=gguf_file, calibration=calibration,
+                allow_pickle=allow_pickle, allow_unexpected=allow_unexpected, check_memory=check_memory,
+                progress=progress, cache=False, **model_kwargs,
+            ),
+            source, quantized_cache.source_files(source, list(reader.files)),
+            {"spec": spec.to_dict(), "calibration": quantized_cache.describe_calibration(calibration)},
+            sorted({config.quant_method for config in spec.configs()}),
+            cache=cache, dtype=dtype, model_kwargs=model_kwargs,
+            load_kwargs={"device_map": device_map, "max_memory": max_memory, "check_memory": check_memory},
+        )  # fmt: skip
 
-    model = _build_skeleton(model_class, model_config, dtype, model_kwargs)
+    model = _build_skeleton(model_class, model_config, dtype, model_kwargs, checkpoint=reader)
     keys = _KeyMapper(model, reader.tensors)
     candidates = _candidates(model)
     applied, units = _assign(spec, model, candidates, keys, context)
     no_place = _check_fit(model, keys, reader, {name for unit in units for name in unit.context.modules}, pre_quantized)
     _report_unexpected(sorted(no_place), allow_unexpected, reader)
+    calibrating = [unit for unit in units if unit.config.needs_calibration and not pre_quantized]
+    if calibrating:
+        from qcore import calibration as calibrate
+
+        blocks = calibrate.decoder_blocks(model, candidates)
+        for unit in calibrating:
+            unit.context.calibrating = True
+            unit.context._blocks = calibrate.modules_by_block(unit.context.modules, blocks)
+        sequences = calibrate.calibration_batch(calibration, source, calibrate.context_length(model_config))
+    elif calibration is not None:
+        logger.warning("calibration data given, but no config of this load needs calibration; it is not used")
 
     # Phase 2: device placement.
-    device_map = _initial_device_map(device_map, model, dtype, max_memory)
+    device_map = _initial_device_map(device_map, model, dtype, max_memory, applied, pre_quantized)
     for unit in units:
         unit.context.device_map = device_map
         new_map = _run(
@@ -159,11 +217,16 @@ def from_pretrained(
     # Phase 3: prepare the skeleton.
     for unit in units:
         _run("preprocess_model", unit.registered, None, config=unit.config, context=unit.context, model=model)
+    _check_left_for_calibration(model, calibrating, keys)
 
-    # Phase 4: stream every tensor through its owner.
+    # Phase 4: stream every tensor through its owner (by decoder block, for a calibrating load).
     keys.modules = dict(model.named_modules())  # preprocess_model replaced some
     owner_of = {name: unit for unit in units for name in unit.context.modules}
-    unexpected = _stream(model, reader, keys, owner_of, context, progress, skip=no_place)
+    counter = _Progress(progress, len(reader.tensors) - len(no_place))
+    if calibrating:
+        unexpected = _stream_calibrated(model, reader, keys, owner_of, context, counter, no_place, blocks, sequences)
+    else:
+        unexpected = _stream(model, reader, keys, owner_of, context, counter, skip=no_place)
     _report_unexpected(unexpected, allow_unexpected, reader)
     model.tie_weights()
 
@@ -196,6 +259,7 @@ def plan(
     dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     model_class: type | None = None,
+    gguf_file: str | None = None,
     **model_kwargs: Any,
 ) -> LoadPlan:
     """What :func:`from_pretrained` would build from ``src``, worked out from config.json alone.
@@ -204,8 +268,8 @@ def plan(
     :func:`from_pretrained`; one plan answers for any number of quantization configs (``qcore estimate`` and
     ``qcore recommend`` compare presets with it).
     """
-    source = _resolve_source(src, revision)
-    model_config = _read_model_config(source, model_kwargs)
+    source, reader = _locate(src, revision, gguf_file, allow_pickle=False)
+    model_config = (reader.model_config() if reader is not None else None) or _read_model_config(source, model_kwargs)
     dtype = _resolve_dtype(dtype, model_config)
     return LoadPlan(_build_skeleton(model_class, model_config, dtype, model_kwargs), dtype)
 
@@ -248,6 +312,22 @@ class LoadPlan:
         # Buffers computed at construction (RoPE frequencies) are already real in the skeleton, in their own dtype.
         return total + sum(b.numel() * b.element_size() for b in self.model.buffers() if b.device.type != "meta")
 
+    def fallbacks(self, quantization_config: QuantConfig | Recipe | Mapping[str, Any] | None = None) -> dict[str, str]:
+        """Module name -> the fallback its config would take for it (:meth:`QuantConfig.shape_fallback`), for the
+        modules whose shape the config's settings do not fit."""
+        from transformers.pytorch_utils import Conv1D
+
+        found = {}
+        for name, config in self.assign(quantization_config).items():
+            module = self.model.get_submodule(name)
+            out_features, in_features = module.weight.shape
+            if isinstance(module, Conv1D):
+                in_features, out_features = module.weight.shape
+            what = config.shape_fallback(name, out_features, in_features)
+            if what is not None:
+                found[name] = what
+        return found
+
     def _tied_targets(self) -> set[str]:
         return set(getattr(self.model, "all_tied_weights_keys", None) or {})
 
@@ -255,11 +335,51 @@ class LoadPlan:
 # -- source and configs --------------------------------------------------------------------------------------
 
 
+def _locate(
+    src: Any, revision: str | None, weights_file: str | None, allow_pickle: bool
+) -> tuple[Path, CheckpointSource | None]:
+    """The checkpoint directory, and its weights when they must be opened before config.json is read.
+
+    They must for a :class:`CheckpointSource` given directly, a weight file, a directory with ``weights_file`` named
+    (a hub id then downloads only that file), and a directory without config.json holding a file a plugin's reader
+    takes (a GGUF file carries the model's config).
+    """
+    if isinstance(src, CheckpointSource):
+        return src.directory, src
+    path = Path(src)
+    if path.is_file():
+        return path.parent, open_checkpoint(path, allow_pickle=allow_pickle)
+    if path.is_dir():
+        if weights_file is not None:
+            return path, open_checkpoint(path, weights_file=weights_file, allow_pickle=allow_pickle)
+        if not (path / "config.json").is_file() and _has_container_file(path):
+            return path, open_checkpoint(path, allow_pickle=allow_pickle)
+        return path, None
+    if weights_file is not None and isinstance(src, str) and src.count("/") == 1:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = Path(hf_hub_download(src, weights_file, revision=revision))
+        except Exception as error:  # huggingface_hub's errors share no base; each means "cannot fetch it"
+            raise CheckpointError(
+                f"cannot fetch {weights_file!r} of hub id {src!r} ({type(error).__name__}: {error}); check the id, "
+                f"the file name, your network, or HF_HUB_OFFLINE with a populated cache",
+                file=str(src),
+            ) from None
+        return file.parent, open_checkpoint(file, allow_pickle=allow_pickle)
+    return _resolve_source(src, revision), None
+
+
+def _has_container_file(directory: Path) -> bool:
+    readers = plugins.readers()
+    return any(path.suffix.lower() in readers for path in directory.iterdir() if path.is_file())
+
+
 def _resolve_source(src: str | os.PathLike[str], revision: str | None) -> Path:
     path = Path(src)
     if path.is_dir():
         return path
-    if isinstance(src, str) and src.count("/") == 1 and not path.exists():
+    if isinstance(src, str) and src.count("/") == 1 and not path.exists() and _is_hub_id(src):
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -272,6 +392,18 @@ def _resolve_source(src: str | os.PathLike[str], revision: str | None) -> Path:
                 file=str(src),
             ) from None
     raise CheckpointError("no such directory (and not a hub id of the form org/name)", file=str(src))
+
+
+def _is_hub_id(src: str) -> bool:
+    """Whether ``src`` is spelled as a hub repository id (``org/name``), by huggingface_hub's own rule."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(src)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _fetch_weights(src: Any, source: Path, revision: str | None) -> Path:
@@ -292,6 +424,11 @@ def _read_model_config(source: Path, model_kwargs: dict[str, Any]):
         raise CheckpointError("no config.json; a transformers checkpoint needs one", file=str(source))
     try:
         parsed = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:  # permissions, a disk error: the file cannot be read at all
+        raise CheckpointError(
+            f"cannot be read ({type(error).__name__}: {error.strerror or error}); check its permissions",
+            file=str(path),
+        ) from None
     except (ValueError, RecursionError) as error:  # RecursionError: nested too deeply for the parser
         reason = f"{type(error).__name__}: {error}"
         raise ConfigError(f"{path}: invalid JSON ({reason}); fix or regenerate config.json") from None
@@ -303,16 +440,55 @@ def _read_model_config(source: Path, model_kwargs: dict[str, Any]):
             f"config.json: quantization_config must be an object with a 'quant_method', not "
             f"{parsed['quantization_config']!r}; fix it in {path}"
         )
+    _check_dtype_names(parsed, path)
     # False is the only value qcore supports, so it is accepted and dropped rather than passed to the model class.
     if model_kwargs.pop("trust_remote_code", False):
         raise ConfigError("qcore never runs a checkpoint's own code: trust_remote_code is not supported")
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=False)
+        model_config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     except Exception as error:  # transformers and huggingface_hub validate with exception types sharing no base
         raise ConfigError(
             f"{path}: not a usable transformers config ({type(error).__name__}: {error}); fix the field it names or "
             f"regenerate config.json"
         ) from None
+    # AutoGPTQ's older checkpoints describe their quantization in quantize_config.json only (its quant_method implied).
+    legacy = source / "quantize_config.json"
+    if parsed.get("quantization_config") is None and legacy.is_file():
+        stored = _read_json_object(legacy)
+        model_config.quantization_config = {"quant_method": "gptq", **stored}
+    return model_config
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        parsed = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise ConfigError(f"{path}: cannot be read as JSON ({type(error).__name__}: {error}); fix or remove it") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"{path}: must hold a JSON object, not {type(parsed).__name__}; fix or remove it")
+    return parsed
+
+
+#: The dtype names config.json may give (``dtype``, ``torch_dtype``). transformers turns the name into a dtype with
+#: ``getattr(torch, name)``, and torch's module ``__getattr__`` imports submodules and calls functions for some
+#: names, so only these names reach it.
+_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2", "int8", "uint8")
+
+
+def _check_dtype_names(value: Any, path: Path, where: str = "") -> None:
+    """Refuse a ``dtype``/``torch_dtype`` anywhere in config.json (sub-configs too) that is not a known dtype name."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            field = f"{where}.{key}" if where else str(key)
+            if key in ("dtype", "torch_dtype") and item is not None and item not in _DTYPE_NAMES:
+                raise ConfigError(
+                    f"{path}: field {field!r} must be a dtype name, one of {list(_DTYPE_NAMES)}, got {item!r}; fix "
+                    f"or regenerate config.json"
+                )
+            _check_dtype_names(item, path, field)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_dtype_names(item, path, f"{where}[{index}]")
 
 
 def _resolve_spec(model_config, user: Any) -> tuple[Recipe | None, bool]:
@@ -324,7 +500,7 @@ def _resolve_spec(model_config, user: Any) -> tuple[Recipe | None, bool]:
     if stored is None:
         return user_spec, False
     try:
-        stored_spec = _as_recipe(dict(stored))
+        stored_spec = _as_recipe(dict(stored), stored=True)
     except ConfigError as error:
         raise ConfigError(f"config.json quantization_config: {error}") from None
     if user_spec is None:
@@ -341,13 +517,13 @@ def _resolve_spec(model_config, user: Any) -> tuple[Recipe | None, bool]:
     return Recipe(default=merged), True
 
 
-def _as_recipe(value: Any) -> Recipe:
+def _as_recipe(value: Any, *, stored: bool = False) -> Recipe:
     if isinstance(value, Recipe):
         return value
     if isinstance(value, QuantConfig):
         return Recipe(default=value)
     if isinstance(value, Mapping) and (value.get("quant_method") == RECIPE_METHOD or "rules" in value):
-        return Recipe.from_dict(value)
+        return Recipe.from_dict(value, stored=stored)
     return Recipe(default=QuantConfig.from_dict(value))
 
 
@@ -356,7 +532,8 @@ def _resolve_dtype(dtype: Any, model_config) -> torch.dtype:
     if value is None:
         return torch.float32
     if isinstance(value, str):
-        value = getattr(torch, value.removeprefix("torch."), None)
+        name = value.removeprefix("torch.")
+        value = getattr(torch, name) if name in _DTYPE_NAMES else None
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ConfigError(f"dtype must be a floating torch dtype such as torch.bfloat16, got {dtype!r}")
     return value
@@ -365,24 +542,160 @@ def _resolve_dtype(dtype: Any, model_config) -> torch.dtype:
 # -- the skeleton and who owns what ---------------------------------------------------------------------------
 
 
-def _build_skeleton(model_class: type | None, model_config, dtype: torch.dtype, model_kwargs: dict[str, Any]):
+def _build_skeleton(
+    model_class: type | None,
+    model_config,
+    dtype: torch.dtype,
+    model_kwargs: dict[str, Any],
+    checkpoint: CheckpointSource | None = None,
+):
+    """The model on the meta device, as config.json describes it; with ``checkpoint``, only once a probe has shown
+    that config.json makes it no larger than what the checkpoint's headers hold (:func:`_check_skeleton_bound`)."""
     import transformers
     from accelerate import init_empty_weights
 
     if model_class is None:
-        names = getattr(model_config, "architectures", None) or []
-        model_class = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
+        model_class = _architecture(model_config)
         if model_class is None:
             model_class = transformers.AutoModel._model_mapping.get(type(model_config), None)  # type: ignore[attr-defined]
         if model_class is None:
             raise ConfigError(
-                f"config.json names architectures {names}, none of which transformers "
-                f"{transformers.__version__} provides; pass model_class= or upgrade transformers"
+                f"config.json names no architecture and transformers {transformers.__version__} has no base model "
+                f"for model_type {model_config.model_type!r}; pass model_class= or upgrade transformers"
             )
+    if checkpoint is not None:
+        _check_skeleton_bound(model_class, model_config, dtype, model_kwargs, checkpoint)
     # Parameters go to meta (no memory); buffers stay real so the ones computed in __init__ (RoPE frequencies)
     # need no re-initialisation after loading.
-    with _LOAD_LOCK, init_empty_weights(include_buffers=False):
-        return model_class._from_config(model_config, dtype=dtype, **model_kwargs)
+    try:
+        with _LOAD_LOCK, init_empty_weights(include_buffers=False):
+            return model_class._from_config(model_config, dtype=dtype, **model_kwargs)
+    except QcoreError:
+        raise
+    except Exception as error:  # a config.json value the model's constructor rejects (an unknown activation...)
+        raise ConfigError(
+            f"config.json: transformers cannot build {model_class.__name__} from it ({type(error).__name__}: "
+            f"{error}); fix the field it names or regenerate config.json"
+        ) from None
+
+
+def _architecture(model_config) -> type | None:
+    """The model class config.json's ``architectures`` names, accepted only if it is one of the transformers model
+    classes for the config's ``model_type`` (looked up in transformers' own tables, never by importing a name from
+    the file); ``None`` when it names none."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    names = getattr(model_config, "architectures", None)
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ConfigError(
+            f"config.json: field 'architectures' must be a list of model class names such as "
+            f'["LlamaForCausalLM"], got {names!r}'
+        )
+    model_type = getattr(model_config, "model_type", None)
+    known: set[str] = set()
+    for table_name, table in vars(modeling_auto).items():
+        if table_name.startswith("MODEL_") and table_name.endswith("_MAPPING_NAMES") and isinstance(table, Mapping):
+            entry = table.get(model_type, ())
+            known.update([entry] if isinstance(entry, str) else entry)
+    for name in names:
+        if name not in known or not isinstance(getattr(transformers, name, None), type):
+            raise ConfigError(
+                f"config.json: field 'architectures' names {name!r}, which is not a transformers model class for "
+                f"model_type {model_type!r} (such as {', '.join(sorted(known)[:6]) or 'none'}); fix it, or pass "
+                f"model_class="
+            )
+    return getattr(transformers, names[0]) if names else None
+
+
+#: The most a skeleton may exceed its checkpoint by: a 2-bit checkpoint loaded in float32 is 16x smaller than its
+#: model, statistics aside; anything past this is config.json describing a model the weights do not hold.
+_SKELETON_OVER_CHECKPOINT = 32
+#: Skeletons this small are never refused (models whose weights are mostly computed buffers or tied).
+_SKELETON_FLOOR_NBYTES = 256 * 2**20
+
+
+def _check_skeleton_bound(model_class: type, model_config, dtype: torch.dtype, model_kwargs, checkpoint) -> None:
+    """Refuse, before the skeleton is built, a config.json that would make it larger than the checkpoint allows.
+
+    Building the skeleton allocates each parameter once (then moves it to meta), keeps every buffer, and costs
+    time and Python objects per layer, all from config.json alone: a hostile or corrupt one (20000 layers over two
+    stored, 2**29 positions) would allocate gigabytes before any check. So a probe with one decoder layer is built
+    entirely on the meta device (nothing allocated), its layer lists are compared with the layers the headers hold,
+    and its size, projected to the declared layer count, with the checkpoint's bytes.
+
+    :raises ConfigError: naming ``num_hidden_layers``, or the tensor and the config field that sizes it.
+    """
+    import copy
+
+    declared = getattr(model_config, "num_hidden_layers", None)
+    probe_config = copy.deepcopy(model_config)
+    if isinstance(declared, int) and declared > 1:
+        probe_config.num_hidden_layers = 1
+        if isinstance(getattr(probe_config, "layer_types", None), list):
+            probe_config.layer_types = probe_config.layer_types[:1]
+    try:
+        with _LOAD_LOCK, torch.device("meta"):
+            probe = model_class._from_config(probe_config, dtype=dtype, **model_kwargs)
+    except Exception as error:  # a config that needs all its layers to build: the full build reports what is wrong
+        logger.debug("skeleton probe of %s not built (%s); building it unchecked", model_class.__name__, error)
+        return
+    layer_lists = [
+        name
+        for name, module in probe.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == 1 and isinstance(declared, int) and declared > 1
+    ]
+    keys = _KeyMapper(probe, checkpoint.tensors)
+    for layers in layer_lists:
+        stored = set()
+        for key in checkpoint.tensors:
+            split = keys.split(key)
+            if split is None:
+                continue
+            module_name, rest = split
+            if module_name.startswith(layers + "."):
+                stored.add(module_name[len(layers) + 1 :].split(".")[0])
+            elif module_name == layers and rest.split(".")[0].isdigit():
+                stored.add(rest.split(".")[0])
+        if declared > len(stored):
+            raise ConfigError(
+                f"config.json declares num_hidden_layers = {declared}, but the checkpoint's headers hold "
+                f"{len(stored)} layer(s) under {layers!r}; config.json does not belong to these weights: fix the "
+                f"field or download the checkpoint again",
+            )
+    element = torch.tensor([], dtype=dtype).element_size()
+    sizes = {}
+    for name, tensor in (*probe.named_parameters(), *probe.named_buffers()):
+        per_layer = declared if any(name.startswith(layers + ".0.") for layers in layer_lists) else 1
+        width = element if tensor.is_floating_point() else tensor.element_size()
+        sizes[name] = tensor.numel() * width * per_layer
+    limit = max(_SKELETON_FLOOR_NBYTES, _SKELETON_OVER_CHECKPOINT * checkpoint.total_nbytes())
+    if sum(sizes.values()) > limit:
+        largest = max(sizes, key=sizes.__getitem__)
+        shape = tuple(dict((*probe.named_parameters(), *probe.named_buffers()))[largest].shape)
+        fields = _config_fields_sizing(model_config, shape)
+        raise ConfigError(
+            f"config.json describes a model of {_size(sum(sizes.values()))}, more than {_SKELETON_OVER_CHECKPOINT}x "
+            f"the {_size(checkpoint.total_nbytes())} its checkpoint holds; the largest part is {largest!r} of shape "
+            f"{shape}{f', sized by {fields}' if fields else ''}. config.json does not belong to these weights: fix "
+            f"the field or download the checkpoint again"
+        )
+
+
+def _config_fields_sizing(model_config, shape: tuple[int, ...]) -> str:
+    """The config.json fields whose value gives ``shape``'s largest dimension (the likely culprit), for a message.
+
+    A little below it counts too: some tables add a few rows to the configured count (OPT's positions add 2).
+    """
+    largest = max(shape, default=0)
+    names = [
+        f"{name} = {value}"
+        for name, value in sorted(model_config.to_dict().items())
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1 and largest - 2 <= value <= largest
+    ]
+    return ", ".join(names)
 
 
 class _KeyMapper:
@@ -426,6 +739,15 @@ def _assign(spec: Recipe | None, model: nn.Module, candidates: list[str], keys: 
         raise CheckpointError(
             f"the stored recipe names modules the model lacks: {missing[:5]}", file=str(context.source)
         )
+    not_linear = [name for name in applied if name not in set(candidates)]
+    if not_linear:
+        module = keys.modules[not_linear[0]]
+        raise CheckpointError(
+            f"the stored recipe assigns module {not_linear[0]!r} ({type(module).__name__}) to "
+            f"{applied[not_linear[0]].quant_method}, but only Linear and Conv1D layers are quantized; the recipe is "
+            f"corrupt or for another model: fix its 'modules' in config.json",
+            file=str(context.source / "config.json"),
+        )
     tensor_names: dict[str, set[str]] = {}
     for key in context.checkpoint.tensors:
         split = keys.split(key)
@@ -456,6 +778,10 @@ def _assignment(spec: Recipe, model: nn.Module, candidates: list[str]) -> dict[s
     from transformers.quantizers.base import get_keys_to_not_convert
 
     always_keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    # A module whose weight is tied to another (BERT's decoder to the word embeddings) keeps its plain weight even
+    # under a config's own skip list: a quantized layer has no weight left to tie, and transformers' tie_weights fails.
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    always_keep += sorted({key.removesuffix(".weight") for pair in tied.items() for key in pair})
     applied, unmatched = spec.assign(candidates, get_keys_to_not_convert(model), always_keep)
     for pattern in unmatched:
         logger.warning("recipe rule %r matched no module of %s", pattern, type(model).__name__)
@@ -465,27 +791,48 @@ def _assignment(spec: Recipe, model: nn.Module, candidates: list[str]) -> dict[s
 # -- device maps and memory ------------------------------------------------------------------------------------
 
 
-def _initial_device_map(device_map: Any, model: nn.Module, dtype: torch.dtype, max_memory: Any) -> dict[str, Any]:
+def _requested_device_map(device_map: Any) -> dict[str, Any]:
+    """What ``validate`` sees as ``context.device_map``: the devices the caller named, and nothing to misread.
+
+    A dict as given, ``{"": device}`` for a device string, index or ``torch.device``, and ``{}`` for the automatic
+    strategies and for None, which name no device until they are resolved (before ``update_device_map``).
+    """
+    if isinstance(device_map, Mapping):
+        return dict(device_map)
+    if device_map is None or device_map in STRATEGIES:
+        return {}
+    return {"": device_map}
+
+
+def _initial_device_map(
+    device_map: Any,
+    model: nn.Module,
+    dtype: torch.dtype,
+    max_memory: Any,
+    applied: Mapping[str, QuantConfig],
+    pre_quantized: bool,
+) -> dict[str, Any]:
+    """The map phase 2 starts from: as given, or resolved from a strategy by each module's quantized size."""
     if device_map is None:
         return {"": "cpu"}
     if isinstance(device_map, Mapping):
         return dict(device_map)
-    if isinstance(device_map, (int, torch.device)) or (
-        isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential")
-    ):
-        device = torch.device(device_map if not isinstance(device_map, int) else f"cuda:{device_map}")
+    if isinstance(device_map, (int, torch.device)) or (isinstance(device_map, str) and device_map not in STRATEGIES):
+        try:
+            device = torch.device(device_map if not isinstance(device_map, int) else f"cuda:{device_map}")
+        except (RuntimeError, TypeError):
+            raise ConfigError(
+                f"device_map {device_map!r} is not a device or one of {', '.join(STRATEGIES)}; use 'cpu', 'cuda:0', "
+                f"'auto' or a dict"
+            ) from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device_map {device_map!r} asks for CUDA but no CUDA device is available; use 'cpu'")
         return {"": str(device)}
-    from accelerate.utils import get_balanced_memory, infer_auto_device_map
-
-    no_split = getattr(model, "_no_split_modules", None) or []
-    if device_map != "sequential":
-        max_memory = get_balanced_memory(
-            model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype,
-            low_zero=device_map == "balanced_low_0",
-        )  # fmt: skip
-    return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    if not isinstance(device_map, str):
+        raise ConfigError(f"device_map must be a device, a strategy or a dict, not {type(device_map).__name__}")
+    sizes = placement.module_sizes(model, applied, dtype)
+    in_flight = placement.in_flight_nbytes(model, applied, dtype, pre_quantized)
+    return placement.place(model, sizes, device_map, max_memory, in_flight=in_flight).device_map
 
 
 def _check_device_map(device_map: Mapping[str, Any]) -> None:
@@ -566,21 +913,47 @@ def _size(nbytes: int) -> str:
 # -- phase 4: streaming -----------------------------------------------------------------------------------------
 
 
+class _Progress:
+    """Counts tensors across the streams of one load for the ``progress(done, total, name)`` callback."""
+
+    def __init__(self, callback: Any, total: int) -> None:
+        self.callback, self.total, self.done = callback, total, 0
+
+    def step(self, key: str) -> None:
+        self.done += 1
+        if self.callback is not None:
+            self.callback(self.done, self.total, key)
+
+
 def _stream(
-    model, reader: CheckpointReader, keys: _KeyMapper, owner_of, context: LoadContext, progress, skip: set[str]
+    model,
+    reader: CheckpointSource,
+    keys: _KeyMapper,
+    owner_of,
+    context: LoadContext,
+    progress: _Progress,
+    skip: set[str],
+    *,
+    names: set[str] | None = None,
+    full_precision: frozenset[str] = frozenset(),
 ) -> list[str]:
+    """Read the tensors (all, or ``names``), hand each to its owner's ``load_weight`` or place it; the unexpected.
+
+    Tensors of the modules in ``full_precision`` are placed as they are even though a backend owns them (a
+    calibrating backend receives them in their block).
+    """
     unexpected = []
-    total = len(reader.tensors) - len(skip)
-    wanted = set(reader.tensors) - skip if skip else None  # tensors with no place are never read
+    if names is None:
+        names = set(reader.tensors) - skip if skip else None  # tensors with no place are never read
     release = _HeapRelease()
-    for done, (key, tensor) in enumerate(reader.stream(wanted), start=1):
+    for key, tensor in reader.stream(names):
         split = keys.split(key)
         if split is None:
             unexpected.append(key)
             continue
         module_name, tensor_name = split
         module = keys.modules[module_name]
-        unit = owner_of.get(module_name)
+        unit = owner_of.get(module_name) if module_name not in full_precision else None
         result = None
         if unit is not None:
             result = _run(
@@ -593,7 +966,13 @@ def _stream(
                     unit.name, "load_weight", f"{module_name}.{tensor_name}",
                     TypeError(f"returned {type(result).__name__}, not a dict of attributes or None"),
                 )  # fmt: skip
+        stored = tensor
         if result is None:
+            info = reader.tensors.get(key)
+            if info is not None and not info.is_plain:  # a container's own type, for a module no backend took
+                slot = module._parameters.get(tensor_name, module._buffers.get(tensor_name))
+                dtype = slot.dtype if slot is not None and slot.is_floating_point() else context.dtype
+                tensor = reader.to_plain(key, tensor, dtype)
             if not _place_plain(module, tensor_name, tensor, context.device_for(module_name), reader, key):
                 unexpected.append(key)
             placed = [module._parameters.get(tensor_name, module._buffers.get(tensor_name))]
@@ -601,20 +980,113 @@ def _stream(
             for attribute, value in result.items():
                 _set(module, attribute, value)
             placed = list(result.values())
-        if result != {} and not _views_storage_of(placed, tensor):
+        if result != {} and not _views_storage_of(placed, stored):
             reader.release(key)  # converted: its stored bytes are no longer needed in memory
         if unit is not None:
             release.after(tensor.numel() * tensor.element_size())
-        del tensor, result, placed
-        if progress is not None:
-            progress(done, total, key)
+        del tensor, stored, result, placed
+        progress.step(key)
+    return unexpected
+
+
+def _check_left_for_calibration(model: nn.Module, calibrating: list[_Unit], keys: _KeyMapper) -> None:
+    """A calibrating backend must leave its modules to the core in ``preprocess_model``: they receive full-precision
+    weights, which only the skeleton's own ``nn.Linear``/``Conv1D`` can hold."""
+    for unit in calibrating:
+        for name in unit.context.modules:
+            if model.get_submodule(name) is not keys.modules[name]:
+                wrong = TypeError(
+                    "replaced a module that calibrate_block must receive in full precision; leave context.modules "
+                    "as they are in preprocess_model when context.calibrating is true"
+                )
+                raise PluginError(unit.name, "preprocess_model", name, wrong)
+
+
+def _stream_calibrated(
+    model,
+    reader: CheckpointSource,
+    keys: _KeyMapper,
+    owner_of: Mapping[str, _Unit],
+    context: LoadContext,
+    progress: _Progress,
+    skip: set[str],
+    blocks: list[str],
+    sequences: list[torch.Tensor],
+) -> list[str]:
+    """Phase 4 for a calibrating load: what lies outside the decoder blocks, then each block in model order.
+
+    Each block's tensors are read at random from the shards; the calibrating backends' modules are placed in full
+    precision, ``calibrate_block`` quantizes them from the block's inputs, the quantized block is run to make the
+    next block's inputs, and the full-precision tensors are released.
+    """
+    from qcore import calibration as calibrate
+
+    wanted = [key for key in reader.tensors if key not in skip]
+    block_of = calibrate.block_lookup(blocks)
+    by_block: dict[str, set[str]] = {}
+    for key in wanted:
+        split = keys.split(key)
+        block = block_of(split[0]) if split is not None else None
+        by_block.setdefault(block or "", set()).add(key)
+    unexpected = _stream(model, reader, keys, owner_of, context, progress, skip, names=by_block.pop("", set()))
+    calibrating = {unit.name: unit for unit in owner_of.values() if unit.context.calibrating}
+    inputs = calibrate.capture_inputs(model, model.get_submodule(blocks[0]), sequences)
+    for number, block_name in enumerate(blocks):
+        block_keys = by_block.get(block_name, set())
+        full_precision = frozenset(
+            name for unit in calibrating.values() for name in unit.context.block_modules(block_name)
+        )
+        unexpected += _stream(
+            model, reader, keys, owner_of, context, progress, skip, names=block_keys, full_precision=full_precision
+        )
+        block = model.get_submodule(block_name)
+        inputs = calibrate.moved(inputs, context.device_for(block_name))
+        for unit in calibrating.values():
+            modules = unit.context.block_modules(block_name)
+            if not modules:
+                continue
+            before = {name: model.get_submodule(name) for name in modules}
+            # Without gradients: the full-precision weights are trainable parameters, and statistics computed from
+            # them would otherwise keep every intermediate alive in their autograd graph, stored with the layer.
+            with torch.no_grad():
+                _run(
+                    "calibrate_block", unit.registered, block_name,
+                    config=unit.config, context=unit.context, model=model,
+                    block_name=block_name, block=block, inputs=inputs,
+                )  # fmt: skip
+            # A module its config's settings do not fit may stay in full precision (QuantConfig.shape_fallback).
+            kept = [
+                name
+                for name, module in before.items()
+                if model.get_submodule(name) is module and name not in unit.context.fallbacks
+            ]
+            if kept:
+                wrong = TypeError("left the module in full precision; replace each of context.block_modules(...)")
+                raise PluginError(unit.name, "calibrate_block", kept[0], wrong)
+            for name in modules:  # the key mapper's references would otherwise keep the full-precision modules alive
+                keys.modules[name] = model.get_submodule(name)
+            del before
+        for key in block_keys:
+            split = keys.split(key)
+            if split is not None and split[0] in full_precision:
+                reader.release(key)  # the full-precision weight is gone from the model; drop its pages too
+        if number + 1 < len(blocks):
+            inputs = inputs.advanced(inputs.run(block))
+        release_heap()  # the block's full-precision temporaries go back to the system before the next is read
+        logger.info("calibrated %s (%d of %d)", block_name, number + 1, len(blocks))
     return unexpected
 
 
 def _views_storage_of(values: list[Any], tensor: torch.Tensor) -> bool:
     """Whether any of ``values`` is ``tensor`` or a view of its memory (so it was kept as stored)."""
     pointer = tensor.untyped_storage().data_ptr()
-    return any(isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == pointer for v in values)
+    return any(pointer in _storage_pointers(v) for v in values)
+
+
+def _storage_pointers(value: Any) -> list[int]:
+    if hasattr(type(value), "__tensor_flatten__"):  # a wrapper subclass (torchao's): its data is in inner tensors
+        return [p for name in value.__tensor_flatten__()[0] for p in _storage_pointers(getattr(value, name))]
+    return [value.untyped_storage().data_ptr()] if isinstance(value, torch.Tensor) else []
 
 
 class _HeapRelease:
@@ -622,39 +1094,26 @@ class _HeapRelease:
 
     A backend's conversion allocates full-precision temporaries several times the tensor's size; freed, they stay
     in malloc's heap, and over a load that heap grows to hundreds of MB of free but resident memory, more than the
-    quantized model itself. ``malloc_trim`` returns it, at a cost of about a millisecond a call.
+    quantized model itself. :func:`qcore.memory.release_heap` returns it, at about a millisecond a call.
     """
 
     EVERY_NBYTES = 64 * 2**20
 
     def __init__(self) -> None:
         self.pending = 0
-        self.trim = _malloc_trim()
 
     def after(self, nbytes: int) -> None:
         self.pending += nbytes
-        if self.trim is not None and self.pending >= self.EVERY_NBYTES:
-            self.trim(0)
+        if self.pending >= self.EVERY_NBYTES:
+            release_heap()
             self.pending = 0
-
-
-def _malloc_trim() -> Any:
-    import ctypes
-    import ctypes.util
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return None
 
 
 _FLOATING = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E8M0"})
 
 
 def _check_fit(
-    model: nn.Module, keys: _KeyMapper, reader: CheckpointReader, owned: set[str], pre_quantized: bool
+    model: nn.Module, keys: _KeyMapper, reader: CheckpointSource, owned: set[str], pre_quantized: bool
 ) -> set[str]:
     """Check every checkpoint tensor against the skeleton, from headers alone, before any weight is read.
 
@@ -685,7 +1144,7 @@ def _check_fit(
                 file=str(info.file),
                 tensor=key,
             )
-        if current.is_floating_point() != (info.dtype in _FLOATING):
+        if current.is_floating_point() != (info.dtype in _FLOATING or not info.is_plain):
             raise CheckpointError(
                 f"dtype {info.dtype} does not fit the model's {current.dtype}; the checkpoint is not for this model",
                 file=str(info.file),
@@ -725,6 +1184,14 @@ def _place_plain(module: nn.Module, name: str, tensor: torch.Tensor, device, rea
 def _set(module: nn.Module, attribute: str, value: Any) -> None:
     owner_path, _, name = attribute.rpartition(".")
     owner = module.get_submodule(owner_path) if owner_path else module
+    if type(value) in (torch.Tensor, nn.Parameter) and not value.is_contiguous():
+        # A loaded model is laid out as its reload will be: the saver writes contiguous tensors and the reload
+        # reads them so. A backend's converted tensor may be a strided view (GPT-2's Conv1D weight quantized through
+        # its transpose), and CPU bf16 matmuls round a transposed operand differently on some instruction sets, so
+        # keeping the view would make the reloaded model compute other logits than the one that was saved. Tensor
+        # subclasses define their own layout and are left as they are.
+        contiguous = value.data.contiguous()
+        value = nn.Parameter(contiguous, value.requires_grad) if isinstance(value, nn.Parameter) else contiguous
     if name in owner._parameters and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
         value = nn.Parameter(value, requires_grad=False)
     if name in owner._buffers and not isinstance(value, nn.Parameter):
@@ -735,7 +1202,7 @@ def _set(module: nn.Module, attribute: str, value: Any) -> None:
         setattr(owner, name, value)
 
 
-def _report_unexpected(unexpected: list[str], allow: bool, reader: CheckpointReader) -> None:
+def _report_unexpected(unexpected: list[str], allow: bool, reader: CheckpointSource) -> None:
     unexpected = [k for k in unexpected if not k.endswith(_IGNORED_UNEXPECTED)]
     if not unexpected:
         return
@@ -749,7 +1216,7 @@ def _report_unexpected(unexpected: list[str], allow: bool, reader: CheckpointRea
     logger.warning(message)
 
 
-def _check_missing(model: nn.Module, reader: CheckpointReader) -> None:
+def _check_missing(model: nn.Module, reader: CheckpointSource) -> None:
     missing = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
     if missing:
         raise CheckpointError(
@@ -768,6 +1235,16 @@ def _mark_quantized(
 ) -> None:
     """Record what was applied, where transformers and the ecosystem (PEFT, Trainer) look for it."""
     model.qcore_kernels = context.kernels
+    model.qcore_fallbacks = context.fallbacks
+    # A fallback that kept a module in full precision leaves it out of what was applied, so the saved config's skip
+    # list names it and every reader (transformers, vLLM) loads its plain weight.
+    applied = {name: config for name, config in applied.items() if not _kept_plain(model, name, context.fallbacks)}
+    if context.fallbacks:
+        name, what = next(iter(context.fallbacks.items()))
+        logger.warning(
+            "%d module(s) did not fit their quantization settings and took a fallback, e.g. %s: %s "
+            "(model.qcore_fallbacks lists them)", len(context.fallbacks), name, what,
+        )  # fmt: skip
     if spec is None or not applied:
         return
     from qcore._hf import QcoreQuantizer
@@ -782,6 +1259,13 @@ def _mark_quantized(
     model.hf_quantizer = QcoreQuantizer(quant_dict, plain)
     model.is_quantized = True
     model.quantization_method = model.hf_quantizer.quantization_config.quant_method
+
+
+def _kept_plain(model: nn.Module, name: str, fallbacks: Mapping[str, str]) -> bool:
+    """Whether ``name`` took a fallback that left it the skeleton's own ``nn.Linear``/``Conv1D``."""
+    from transformers.pytorch_utils import Conv1D
+
+    return name in fallbacks and type(model.get_submodule(name)) in (nn.Linear, Conv1D)
 
 
 def _as_plain_config(
@@ -807,7 +1291,13 @@ def _load_generation_config(model, source: Path) -> None:
     if (source / "generation_config.json").is_file() and getattr(model, "can_generate", lambda: False)():
         from transformers import GenerationConfig
 
-        model.generation_config = GenerationConfig.from_pretrained(source)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(source)
+        except (OSError, ValueError) as error:  # transformers reports an unreadable or invalid file as either
+            raise CheckpointError(
+                f"cannot be read ({type(error).__name__}: {error}); check its permissions, fix it or delete it",
+                file=str(source / "generation_config.json"),
+            ) from None
 
 
 # -- calling hooks -------------------------------------------------------------------------------------------

@@ -9,13 +9,17 @@ Environment:
 * ``QCORE_DISABLE_PLUGIN_AUTOLOAD=1`` loads no entry points (plugins can still be registered in code).
 * ``QCORE_LOAD_PLUGINS=qcore-hqq,qcore-bnb`` loads only these distributions.
 * ``QCORE_PREFER=hqq=my-hqq,eetq=qcore-eetq`` picks the distribution that serves a method when several claim it.
-  Without it the distribution whose name sorts first wins, and the clash is reported by :func:`backends`.
+  Without it the distribution whose name sorts first wins; the clash is reported by :func:`backends`, and each load
+  logs which distribution served the method (a warning, or info when ``QCORE_PREFER`` chose it).
+
+A method whose plugin is installed but excluded by one of these variables is reported as such, naming the variable.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import logging
 import os
 import warnings
 from typing import Any
@@ -28,10 +32,18 @@ from qcore.errors import ConfigError
 
 __all__ = ["backends", "plugin_manager", "register_plugin", "reset_plugins", "config_class_for", "backend_for"]
 
+logger = logging.getLogger("qcore")
+
 ENTRY_POINT_GROUP = "qcore"
 
 #: Methods qcore knows a plugin for, so an unknown-method error can name the package to install.
-KNOWN_PLUGINS = {"bitsandbytes": "qcore-bnb", "hqq": "qcore-hqq", "eetq": "qcore-eetq"}
+KNOWN_PLUGINS = {
+    "bitsandbytes": "qcore-bnb", "hqq": "qcore-hqq", "eetq": "qcore-eetq", "gptq": "qcore-gptq", "awq": "qcore-gptq",
+    "compressed-tensors": "qcore-compressed-tensors", "gguf": "qcore-gguf", "torchao": "qcore-torchao",
+    "quanto": "qcore-quanto", "fp8": "qcore-fp8",
+}  # fmt: skip
+#: Container suffixes qcore knows a reader plugin for, so an unreadable file's error can name the package.
+KNOWN_READERS = {".gguf": "qcore-gguf"}
 
 
 @dataclasses.dataclass
@@ -193,13 +205,43 @@ def _unknown_method_message(method: str, registry: _Registry) -> str:
     if method in KNOWN_PLUGINS:
         package = KNOWN_PLUGINS[method]
         broken = [error for name, (dist, error) in registry.broken.items() if dist == package]
+        excluded = _excluded_by_environment(package)
         if broken:
             message += f" The plugin {package} is installed but failed to load ({broken[0]}); reinstall it."
+        elif excluded:
+            message += f" The plugin {package} is installed but was not loaded: {excluded}."
         else:
             message += f" Install its plugin: pip install {package}"
     else:
         message += " Install a qcore plugin that serves it (look for packages named qcore-*)."
     return message
+
+
+def _excluded_by_environment(distribution: str) -> str | None:
+    """Why an installed plugin distribution was not loaded, naming the environment variable; ``None`` if it was not
+    excluded (or is not installed with an entry point)."""
+    points = [
+        ep
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        if ep.dist is not None and _normalized(ep.dist.name) == _normalized(distribution)
+    ]
+    if not points:
+        return None
+    disabled = os.environ.get("QCORE_DISABLE_PLUGIN_AUTOLOAD", "")
+    if disabled not in ("", "0"):
+        return (
+            f"QCORE_DISABLE_PLUGIN_AUTOLOAD={disabled} turns off loading installed plugins; unset it, or register the "
+            f"plugin in code with qcore.register_plugin"
+        )
+    only = os.environ.get("QCORE_LOAD_PLUGINS", "")
+    names = {name.strip() for name in only.split(",") if name.strip()}
+    if names and not names & {distribution, *(ep.name for ep in points)}:
+        return f"QCORE_LOAD_PLUGINS={only} does not list it; add {distribution} to it, or unset it"
+    return None
+
+
+def _normalized(distribution: str) -> str:
+    return distribution.lower().replace("_", "-").replace(".", "-")
 
 
 def backends() -> list[BackendInfo]:
@@ -230,7 +272,8 @@ def backends() -> list[BackendInfo]:
                 methods=tuple(backend.configs),
                 presets=tuple(p.name for p in backend.presets),
                 available=reason is None,
-                reason=reason if reason is not None else notes,
+                reason=reason,
+                notes=notes,
             )
         )
     for name, (distribution, error) in registry.broken.items():
@@ -246,6 +289,19 @@ def backends() -> list[BackendInfo]:
             )
         )
     return infos
+
+
+def readers() -> dict[str, tuple[str, Any]]:
+    """Every container reader the registered backends declare: suffix -> (distribution, factory).
+
+    When two plugins read one suffix, the distribution whose name sorts first wins (as for methods).
+    """
+    found: dict[str, tuple[str, Any]] = {}
+    for registered in sorted(_get().registered.values(), key=lambda r: r.distribution, reverse=True):
+        if registered.backend is not None:
+            for suffix, factory in registered.backend.readers.items():
+                found[suffix.lower()] = (registered.distribution, factory)
+    return found
 
 
 def presets() -> dict[str, tuple[str, Any]]:
@@ -282,4 +338,18 @@ def ensure_available(method: str) -> _Registered:
     reason = registered.backend.unavailable_reason()
     if reason is not None:
         raise BackendUnavailable(f"{method}: backend {registered.distribution} cannot run: {reason}")
+    registry = _get()
+    others = [registry.registered[name].distribution for name in registry.claims[method][1:]]
+    if others:
+        chosen_by_user = _preference_key(method, registered)[0] == 0
+        logger.log(
+            logging.INFO if chosen_by_user else logging.WARNING,
+            "quant_method %r is served by %s %s%s; also claimed by %s (QCORE_PREFER=%s=<distribution> picks one)",
+            method,
+            registered.distribution,
+            registered.version,
+            " (chosen by QCORE_PREFER)" if chosen_by_user else "",
+            ", ".join(others),
+            method,
+        )
     return registered

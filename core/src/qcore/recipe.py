@@ -2,18 +2,22 @@
 
 A :class:`Recipe` is an ordered list of rules, each a module-name pattern (a glob, or ``re:`` and a regular
 expression) mapped to a config or to ``None`` (keep full precision); the first matching rule wins and unmatched
-modules follow ``default``. A plain config is the one-rule case. The loader uses :func:`assign_modules` between
+modules follow ``default``. A plain config is the one-rule case. The loader uses :meth:`Recipe.assign` between
 phases 2 and 3 to give each backend its ``context.modules``.
+
+Patterns are matched in bounded time: globs by :func:`fnmatch.fnmatchcase` (linear in CPython), ``re:`` patterns by
+qcore's own automaton (``qcore._patterns``), never by backtracking. A recipe stored in a checkpoint's config.json
+is not matched at all: it records the exact module -> config assignment that was applied, and reloading uses that.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from qcore._patterns import compile_pattern
 from qcore.config import QuantConfig
 from qcore.errors import ConfigError
 
@@ -30,7 +34,7 @@ class Rule:
 
     def matches(self, module_name: str) -> bool:
         if self.pattern.startswith("re:"):
-            return re.search(self.pattern[3:], module_name) is not None
+            return compile_pattern(self.pattern[3:]).search(module_name)
         return fnmatch.fnmatchcase(module_name, self.pattern)
 
 
@@ -50,22 +54,35 @@ class Recipe:
         self.modules = dict(modules) if modules is not None else None
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
-        """Parse ``{"rules": [{"pattern": ..., "config": {...} | null}, ...], "default": {...} | null}``."""
+    def from_dict(cls, data: Mapping[str, Any], *, stored: bool = False) -> Recipe:
+        """Parse ``{"rules": [{"pattern": ..., "config": {...} | null}, ...], "default": {...} | null}``.
+
+        :param stored: the recipe comes from a checkpoint's config.json. It must then carry the exact assignment
+            (``modules`` and ``configs``, as :meth:`to_dict` writes it), which is all a reload uses: its rules are
+            kept only to be written again and their patterns are never compiled or matched.
+        """
         if not isinstance(data, Mapping):
             raise ConfigError(f"a recipe must be a dict, not {type(data).__name__}")
         rules = data.get("rules", [])
         if not isinstance(rules, list):
             raise ConfigError("recipe field 'rules' must be a list of {pattern, config} objects")
-        recipe = cls(rules, data.get("default"))
+        recipe = cls(default=data.get("default"))
+        recipe.rules = [_rule(item, compile_re=not stored) for item in rules]
         modules = data.get("modules")
+        if stored and modules is None:
+            raise ConfigError(
+                "a stored recipe must record the exact assignment it applied ('modules' and 'configs', as "
+                "qcore.save_pretrained writes them); qcore does not match a checkpoint's patterns. Save the model "
+                "again with qcore, or load the full-precision checkpoint with your own recipe"
+            )
         if modules is not None:
             saved = data.get("configs", [])
             if not isinstance(saved, list):
                 raise ConfigError("recipe field 'configs' must be a list of quantization configs")
             configs = [_config(c, f"configs[{i}]") for i, c in enumerate(saved)]
             if not isinstance(modules, Mapping) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(configs) for i in modules.values()
+                isinstance(name, str) and isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(configs)
+                for name, i in modules.items()
             ):
                 raise ConfigError("recipe field 'modules' must map module names to indexes into 'configs'")
             recipe.modules = dict(modules)
@@ -136,7 +153,7 @@ class Recipe:
         return next(iter(distinct.values())) if len(distinct) == 1 else None
 
 
-def _rule(item: tuple[str, Any] | Mapping[str, Any]) -> Rule:
+def _rule(item: tuple[str, Any] | Mapping[str, Any], *, compile_re: bool = True) -> Rule:
     if isinstance(item, Mapping):
         if set(item) - {"pattern", "config"} or not isinstance(item.get("pattern"), str):
             raise ConfigError(f"recipe rule {dict(item)!r} must be {{'pattern': str, 'config': dict | null}}")
@@ -147,11 +164,8 @@ def _rule(item: tuple[str, Any] | Mapping[str, Any]) -> Rule:
         raise ConfigError(
             f"recipe rule {item!r} must be a (pattern, config) pair or {{'pattern': str, 'config': dict | null}}"
         )
-    if pattern.startswith("re:"):
-        try:
-            re.compile(pattern[3:])
-        except re.error as error:
-            raise ConfigError(f"recipe pattern {pattern!r} is not a valid regular expression: {error}") from None
+    if pattern.startswith("re:") and compile_re:
+        compile_pattern(pattern[3:])  # refuses, with a ConfigError, what cannot be matched without backtracking
     return Rule(pattern, _config(config, f"rule {pattern!r}"))
 
 

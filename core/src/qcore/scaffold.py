@@ -7,7 +7,11 @@ as generated; ``TODO(<name>)`` comments say what each hook must do once the auth
 Nothing here runs during a load; tests/test_template.py installs a rendered package and runs its conformance suite.
 
 Template files end in ``.tmpl`` (so no tool mistakes them for qcore's own modules) and name their values as
-``{{value}}``, in file contents and in paths alike; :func:`template_values` lists the values.
+``{{value}}``, in file contents and in paths alike; :func:`template_values` lists the values. Two optional sections
+are kept only when asked for: lines between ``{{#reader}}`` and ``{{/reader}}`` (a container reader, for files with
+the suffix ``--reader`` names) and between ``{{#calibrating}}`` and ``{{/calibrating}}`` (a calibrating scheme,
+``calibrate_block``); ``{{^name}}`` ... ``{{/name}}`` lines are kept only without it. A file left empty by them is
+not written.
 """
 
 from __future__ import annotations
@@ -26,23 +30,32 @@ from qcore.errors import QcoreError
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
-__all__ = ["render", "template_values"]
+__all__ = ["render", "template_values", "SECTIONS"]
+
+#: The optional sections of the template.
+SECTIONS = ("reader", "calibrating")
 
 # Backend names and quant_method values alike: lower-case words joined by single '-' or '_'.
 _NAME = re.compile(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*")
 # PEP 508 distribution names.
 _LIBRARY = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+_SECTION = re.compile(r"^\{\{([#^])(\w+)\}\}\n(.*?)^\{\{/\2\}\}\n", flags=re.M | re.S)
+# File suffixes a container reader may claim: a dot, then lower-case letters and digits.
+_READER_SUFFIX = re.compile(r"\.[a-z0-9]+")
 _SUFFIX = ".tmpl"
 
 
-def template_values(name: str, *, method: str | None = None, library: str | None = None) -> dict[str, str]:
+def template_values(
+    name: str, *, method: str | None = None, library: str | None = None, reader: str | None = None
+) -> dict[str, str]:
     """The values the template names, for a backend called ``name``.
 
     :param name: the backend's name: distribution ``qcore-<name>``, package ``qcore_<name>``, entry point ``<name>``.
     :param method: the ``quant_method`` it serves; defaults to ``name`` (with ``_`` for ``-``).
     :param library: the distribution of the quantization library it wraps; defaults to ``name``.
-    :raises QcoreError: a value that cannot name a package, an entry point or a method.
+    :param reader: the file suffix (``".myfmt"``) of a container the backend reads, for the reader section.
+    :raises QcoreError: a value that cannot name a package, an entry point, a method or a file suffix.
     """
     if name.startswith(("qcore-", "qcore_")):
         raise QcoreError(f"give the backend name without the qcore- prefix ({name[6:]!r}); it is added for you")
@@ -60,8 +73,11 @@ def template_values(name: str, *, method: str | None = None, library: str | None
     library = library if library is not None else name
     if not _LIBRARY.fullmatch(library):
         raise QcoreError(f"library {library!r} is not a distribution name pip can install (PEP 508)")
+    if reader is not None and not _READER_SUFFIX.fullmatch(reader):
+        raise QcoreError(f"reader suffix {reader!r} must be a dot and lower-case letters or digits, e.g. '.myfmt'")
     package = "qcore_" + name.replace("-", "_")
     return {
+        **({"suffix": reader} if reader is not None else {}),
         "name": name,
         "distribution": f"qcore-{name}",
         "package": package,
@@ -73,21 +89,34 @@ def template_values(name: str, *, method: str | None = None, library: str | None
     }
 
 
-def render(name: str, *, method: str | None = None, library: str | None = None, output: str | Path = ".") -> Path:
+def render(
+    name: str,
+    *,
+    method: str | None = None,
+    library: str | None = None,
+    reader: str | None = None,
+    calibrating: bool = False,
+    output: str | Path = ".",
+) -> Path:
     """Write the package ``qcore-<name>`` into ``output``; returns its directory.
 
-    The arguments are those of :func:`template_values`.
+    The arguments are those of :func:`template_values`; ``reader`` also keeps the container-reader section, and
+    ``calibrating`` the calibrating-scheme section.
 
     :raises QcoreError: a bad value (see :func:`template_values`), or the package directory exists and is not empty.
     """
-    values = template_values(name, method=method, library=library)
+    values = template_values(name, method=method, library=library, reader=reader)
+    sections = {"reader": reader is not None, "calibrating": calibrating}
     target = Path(output) / values["distribution"]
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise QcoreError(f"{target} already exists and is not empty; remove it or choose another --output directory")
     for relative, template in _template_files(importlib.resources.files("qcore") / "templates" / "backend", ()):
+        text = _substitute(_sections(template.read_text(encoding="utf-8"), sections), values)
+        if not text.strip():
+            continue  # the file belongs to a section not asked for
         path = target.joinpath(*(_substitute(part, values) for part in relative))
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(_substitute(template.read_text(encoding="utf-8"), values), encoding="utf-8")
+        path.write_text(text, encoding="utf-8")
     return target
 
 
@@ -98,6 +127,13 @@ def _template_files(directory: Traversable, prefix: tuple[str, ...]) -> Iterator
             yield from _template_files(entry, (*prefix, entry.name))
         elif entry.name.endswith(_SUFFIX):
             yield (*prefix, entry.name.removesuffix(_SUFFIX)), entry
+
+
+def _sections(text: str, sections: dict[str, bool]) -> str:
+    """Keep the lines of each section asked for (``{{#name}}``) or not asked for (``{{^name}}``), without their
+    marker lines; drop the others."""
+    # An unknown section name raises KeyError, as an unknown value does.
+    return _SECTION.sub(lambda m: m.group(3) if sections[m.group(2)] == (m.group(1) == "#") else "", text)
 
 
 def _substitute(text: str, values: dict[str, str]) -> str:

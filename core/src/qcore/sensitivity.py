@@ -21,7 +21,7 @@ from qcore.errors import ConfigError
 from qcore.recipe import Recipe
 from qcore.sizes import format_nbytes
 
-__all__ = ["LayerSensitivity", "measure_sensitivity", "auto_recipe", "AutoRecipe"]
+__all__ = ["LayerSensitivity", "measure_sensitivity", "auto_recipe", "AutoRecipe", "synthetic_batch", "text_batch"]
 
 #: Steps of the byte grid the knapsack runs on; finer is more exact and slower (layers x candidates x steps).
 _GRID = 4096
@@ -53,6 +53,25 @@ def synthetic_batch(vocab_size: int, *, batch: int = 4, length: int = 32, seed: 
     return torch.randint(0, vocab_size, (batch, length), generator=generator)
 
 
+def text_batch(tokenizer: Any, texts: Sequence[str] | None = None, *, batch: int = 4, length: int = 128) -> torch.Tensor:
+    """Token ids ``[batch, length]``: consecutive pieces of real text, by default the calibration part of qcore's
+    built-in corpus (never the held-out part that ``qcore eval`` scores, so a recipe is not chosen on its test).
+
+    :raises ConfigError: the text is shorter than ``batch * length`` tokens.
+    """
+    if texts is None:
+        from qcore.corpus import calibration_texts
+
+        texts = calibration_texts()
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
+    if ids.numel() < batch * length:
+        raise ConfigError(
+            f"the text has {ids.numel()} tokens, fewer than the {batch} x {length} the measurement needs; give more "
+            f"text or a smaller batch"
+        )
+    return ids[: batch * length].reshape(batch, length)
+
+
 def measure_sensitivity(
     src: str | os.PathLike[str],
     candidates: Mapping[str, Mapping[str, Any]],
@@ -63,7 +82,8 @@ def measure_sensitivity(
     """Measure each candidate config's error on each quantizable layer of the checkpoint at ``src``.
 
     :param candidates: name -> config dict (presets' configs, say).
-    :param input_ids: the batch to measure on; by default :func:`synthetic_batch`.
+    :param input_ids: the batch to measure on (:func:`text_batch` makes one from real text); by default
+        :func:`synthetic_batch`, for a model without a tokenizer.
     """
     import qcore
     from qcore.loading import _candidates, estimate_nbytes, plan

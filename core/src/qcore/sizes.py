@@ -6,6 +6,8 @@ Shared by the saver (``max_shard_size``), the automatic recipe's messages and th
 
 from __future__ import annotations
 
+import math
+
 __all__ = ["parse_nbytes", "format_nbytes"]
 
 #: Decimal units as disks and cloud specs count them, binary ones as memory is counted.
@@ -30,6 +32,8 @@ def parse_nbytes(value: int | str) -> int:
             size = float(number) * _UNITS[text[len(number) :]]
         except (ValueError, KeyError):
             raise ValueError(f"{value!r} is not a size such as 8GB, 6.5GiB or 512MB") from None
+    if not math.isfinite(size):
+        raise ValueError(f"{value!r} is not a finite size")
     if size <= 0:
         raise ValueError(f"{value!r} must be positive")
     return int(size)

@@ -5,6 +5,7 @@ weights, fp32 CPU offload), what the loaded model tells the ecosystem, and every
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 
@@ -13,7 +14,7 @@ import qcore
 import torch
 from qcore.checkpoint import CheckpointReader
 from qcore_bnb.config import BnbConfig
-from qcore_bnb.environment import check_devices, check_offload
+from qcore_bnb.environment import REQUIREMENT, check_devices, check_offload
 
 
 def bnb_layers(model) -> list[str]:
@@ -105,23 +106,33 @@ def test_more_4bit_settings_match_transformers(checkpoints, extra, bnb_dict, ref
     [
         ("gpt2", {"load_in_8bit": True, "llm_int8_has_fp16_weight": True}),
         ("llama", {"load_in_8bit": True, "llm_int8_threshold": 0.0, "llm_int8_skip_modules": ["q_proj"]}),
-        ("llama", {"load_in_4bit": True, "bnb_4bit_blocksize": 128, "bnb_4bit_use_double_quant": True}),
+        ("wide-llama", {"load_in_4bit": True, "bnb_4bit_blocksize": 128, "bnb_4bit_use_double_quant": True}),
     ],
     ids=str,
 )
 def test_settings_round_trip_through_qcore(checkpoints, architecture, fields, tmp_path, logits_of):
     config = {"quant_method": "bitsandbytes", **fields}
-    model = qcore.from_pretrained(checkpoints[architecture], config, dtype=torch.bfloat16)
+    source = wide("llama", tmp_path) if architecture == "wide-llama" else checkpoints[architecture]
+    model = qcore.from_pretrained(source, config, dtype=torch.bfloat16)
     expected = logits_of(model)
     reloaded = qcore.from_pretrained(qcore.save_pretrained(model, tmp_path / "saved"), dtype=torch.bfloat16)
     assert torch.equal(logits_of(reloaded), expected)
     assert reloaded.config.quantization_config == BnbConfig.from_dict(config).to_dict()
 
 
-def test_a_larger_block_size_loads_in_transformers(checkpoints, bnb_dict, tmp_path, logits_of):
+def wide(arch: str, tmp_path):
+    """A tiny model whose every Linear is at least 256 wide: bitsandbytes 0.50's CPU 4-bit kernel (used by
+    transformers and qcore alike) cannot run a layer with fewer input features than the block size."""
+    from qcore.testing.models import build
+
+    widths = {"gpt2": {"n_embd": 256}, "llama": {"hidden_size": 256, "intermediate_size": 512}}[arch]
+    return build(arch, tmp_path / f"wide-{arch}", **widths)
+
+
+def test_a_larger_block_size_loads_in_transformers(bnb_dict, tmp_path, logits_of):
     from transformers import AutoModelForCausalLM
 
-    model = qcore.from_pretrained(checkpoints["gpt2"], bnb_dict("nf4", bnb_4bit_blocksize=256), dtype=torch.bfloat16)
+    model = qcore.from_pretrained(wide("gpt2", tmp_path), bnb_dict("nf4", bnb_4bit_blocksize=256), dtype=torch.bfloat16)
     assert {model.get_submodule(n).weight.quant_state.blocksize for n in bnb_layers(model)} == {256}
     saved = qcore.save_pretrained(model, tmp_path / "saved")
     reference = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.bfloat16)
@@ -150,7 +161,7 @@ def test_full_precision_weights_under_a_bnb_config_are_refused(checkpoints, tmp_
 
 def test_missing_bitsandbytes_names_the_pip_command(checkpoints, bnb_dict, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    with pytest.raises(qcore.BackendUnavailable, match=r"pip install 'bitsandbytes>=0\.46\.1'"):
+    with pytest.raises(qcore.BackendUnavailable, match=re.escape(f"pip install '{REQUIREMENT}'")):
         qcore.from_pretrained(checkpoints["llama"], bnb_dict("nf4"))
 
 
@@ -158,9 +169,7 @@ def test_old_bitsandbytes_names_the_upgrade(checkpoints, bnb_dict, monkeypatch):
     import bitsandbytes
 
     monkeypatch.setattr(bitsandbytes, "__version__", "0.43.3")
-    with pytest.raises(
-        qcore.BackendUnavailable, match=r"0\.43\.3 is too old .*pip install -U 'bitsandbytes>=0\.46\.1'"
-    ):
+    with pytest.raises(qcore.BackendUnavailable, match=r"0\.43\.3 is too old .*" + re.escape(f"-U '{REQUIREMENT}'")):
         qcore.from_pretrained(checkpoints["llama"], bnb_dict("nf4"))
 
 
@@ -192,3 +201,7 @@ def test_offload_beside_an_accelerator_needs_the_fp32_offload_flag():
     check_offload(BnbConfig(load_in_4bit=True, llm_int8_enable_fp32_cpu_offload=True), device_map)
     check_offload(BnbConfig(load_in_8bit=True), {"": "cpu"})
     check_devices(bitsandbytes, {"": "cpu", "lm_head": "disk"})
+    with pytest.raises(qcore.ConfigError, match=r"\['lm_head'\] are mapped to 'disk', where quantized layers"):
+        check_offload(
+            BnbConfig(load_in_4bit=True, llm_int8_enable_fp32_cpu_offload=True), {"": "cpu", "lm_head": "disk"}
+        )

@@ -27,7 +27,7 @@ def _same_rows_as_on_the_cpu(model, path, dtype) -> None:
     for name, layer in model.named_modules():
         if isinstance(layer, EetqLinear):
             state = layer.state_dict()
-            assert torch.equal(state["weight"].cpu(), on_cpu.get_submodule(name).weight), name
+            assert torch.equal(state["weight"].cpu(), on_cpu.get_submodule(name).state_dict()["weight"]), name
             assert torch.equal(state["weight_scales"].cpu(), on_cpu.get_submodule(name).weight_scales), name
 
 

@@ -15,6 +15,8 @@ from safetensors.torch import load_file, save_file
 
 ARCHITECTURES = ("llama", "gpt2", "opt")
 EETQ = {"quant_method": "eetq", "weights": "int8"}
+#: The kernel qcore's kernel layer runs for a bfloat16 model on this CPU.
+HALVES = "torch.ops.aten._weight_int4pack_mm_for_cpu on two 4-bit halves"
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +41,13 @@ def eetq_layers(model) -> dict[str, EetqLinear]:
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_quantizes_every_linear_but_lm_head_and_reports_torchs_kernel(quantized, arch):
+def test_quantizes_every_linear_but_lm_head_and_reports_the_kernel_layers_choice(quantized, arch):
     model = quantized[arch]
     layers = eetq_layers(model)
     assert layers and "lm_head" not in layers
     assert type(model.get_output_embeddings()) is torch.nn.Linear
-    assert model.qcore_kernels == {"qcore-eetq": "torch._weight_int8pack_mm (eetq package not installed)"}
-    assert {layer.kernel for layer in layers.values()} == {"int8pack"}
+    assert model.qcore_kernels == {"qcore-eetq": f"{HALVES} (eetq package not installed)"}
+    assert {layer.kernel for layer in layers.values()} == {"int4pack-cpu"}
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -107,7 +109,7 @@ def test_validate_explains_what_runs_here(checkpoints, caplog, no_eetq):
         qcore.from_pretrained(checkpoints["opt"], EETQ, dtype=torch.bfloat16)
     [message] = [r.getMessage() for r in caplog.records if r.name == "qcore.eetq"]
     assert "eetq package not installed" in message and "CUDA" in message
-    assert "cpu: torch._weight_int8pack_mm" in message
+    assert "cpu: qcore.kernels int8 (eetq package not installed)" in message
 
 
 def test_eetq_installed_without_cuda_runs_torchs_kernel_and_says_why(
@@ -116,7 +118,7 @@ def test_eetq_installed_without_cuda_runs_torchs_kernel_and_says_why(
     with caplog.at_level(logging.INFO, logger="qcore.eetq"):
         model = qcore.from_pretrained(checkpoints["llama"], EETQ, dtype=torch.bfloat16)
     reason = "eetq package installed, but it runs on CUDA only"
-    assert model.qcore_kernels == {"qcore-eetq": f"torch._weight_int8pack_mm ({reason})"}
+    assert model.qcore_kernels == {"qcore-eetq": f"{HALVES} ({reason})"}
     assert any("eetq package installed" in r.getMessage() for r in caplog.records if r.name == "qcore.eetq")
     assert fake_eetq.calls == 0
     assert torch.equal(logits_of(model), logits_of(quantized["llama"]))

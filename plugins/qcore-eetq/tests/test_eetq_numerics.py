@@ -73,29 +73,39 @@ def _layer(in_features: int, out_features: int, dtype: torch.dtype, choice: Kern
     for name, value in quantize_weight(layer, "m", weight, dtype, CPU, "ckpt").items():
         setattr(layer, name, value)
     layer.bias = torch.nn.Parameter(torch.randn(out_features).to(dtype))
-    layer.use_kernel(choice)
+    layer.ran = layer.use_kernel(choice, dtype)
     return layer
 
 
 def _reference(layer: EetqLinear, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, dequantize(layer.weight, layer.weight_scales, x.dtype), layer.bias)
+    rows = layer.state_dict()["weight"]
+    return F.linear(x, dequantize(rows, layer.weight_scales, x.dtype), layer.bias)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_cpu_float16_and_float32_dequantize_exactly_like_the_reference(dtype):
-    choice = choose_kernel(CPU, dtype, 128, 64)
-    assert choice.kernel == "dequantize"
-    layer = _layer(128, 64, dtype, choice)
+    layer = _layer(128, 64, dtype, choose_kernel(CPU, dtype, 128, 64))
+    assert layer.kernel == "dequantize" and "measured faster here" in layer.ran.reason
     x = torch.randn(3, 5, 128).to(dtype)
     assert torch.equal(layer(x), _reference(layer, x))
 
 
-def test_cpu_bfloat16_int8pack_is_within_rounding_of_the_reference():
-    choice = choose_kernel(CPU, torch.bfloat16, 256, 96)
-    assert choice.kernel == "int8pack"
-    layer = _layer(256, 96, torch.bfloat16, choice)
+def test_cpu_bfloat16_runs_the_int4_kernel_on_two_halves_within_its_bound():
+    layer = _layer(256, 96, torch.bfloat16, choose_kernel(CPU, torch.bfloat16, 256, 96))
+    assert layer.kernel == "int4pack-cpu"
+    # The kernel layer holds the only copy of the codes; the parameter is a one-byte placeholder of the same shape.
+    assert layer.weight.shape == (96, 256) and layer.weight.untyped_storage().nbytes() == 1
     x = torch.randn(2, 7, 256).to(torch.bfloat16)
-    exact = F.linear(x.double(), dequantize(layer.weight, layer.weight_scales, torch.float64), layer.bias.double())
+    error = (layer(x).double() - _reference(layer, x).double()).abs()
+    assert (error <= layer.packed.error_bound(x) + 1e-2 * layer.bias.double().abs()).all()
+
+
+def test_cpu_bfloat16_int8pack_is_within_rounding_of_the_reference():
+    layer = _layer(256, 96, torch.bfloat16, KernelChoice("int8pack", "forced"))
+    assert layer.kernel == "int8pack"
+    x = torch.randn(2, 7, 256).to(torch.bfloat16)
+    rows = layer.state_dict()["weight"]
+    exact = F.linear(x.double(), dequantize(rows, layer.weight_scales, torch.float64), layer.bias.double())
     kernel_error = (layer(x).double() - exact).abs()
     reference_error = (_reference(layer, x).double() - exact).abs()
     # Both differ from the exact product only by bfloat16 roundings of the same size: the reference rounds each
@@ -103,11 +113,11 @@ def test_cpu_bfloat16_int8pack_is_within_rounding_of_the_reference():
     assert kernel_error.max() <= 2 * reference_error.max()
 
 
-def test_cpu_bfloat16_with_in_features_not_divisible_by_16_avoids_torchs_kernel():
-    # torch 2.13's CPU bfloat16 int8 kernel returns garbage (or crashes) for in_features % 16 != 0.
-    choice = choose_kernel(CPU, torch.bfloat16, 24, 64)
-    assert choice.kernel == "dequantize" and "divisible by 16" in choice.reason
-    layer = _layer(24, 64, torch.bfloat16, choice)
+def test_cpu_bfloat16_with_in_features_not_divisible_by_16_avoids_torchs_kernels():
+    # torch 2.13's CPU bfloat16 int8 kernel returns garbage (or crashes) for in_features % 16 != 0; the int4 kernel
+    # needs groups (here one per row) that are multiples of 32.
+    layer = _layer(24, 64, torch.bfloat16, choose_kernel(CPU, torch.bfloat16, 24, 64))
+    assert layer.kernel == "dequantize" and "divisible by 16" in layer.ran.reason
     x = torch.randn(3, 24).to(torch.bfloat16)
     assert torch.equal(layer(x), _reference(layer, x))
 
@@ -120,8 +130,8 @@ def test_float32_int8pack_matches_the_reference_to_float32_accumulation():
 
 
 def test_kernel_choice_without_eetq(no_eetq):
-    assert choose_kernel(CPU, torch.bfloat16, 64, 64).reason == "eetq package not installed"
-    assert "fast only for bfloat16" in choose_kernel(CPU, torch.float32, 64, 64).reason
+    assert choose_kernel(CPU, torch.bfloat16, 64, 64) == KernelChoice("torch", "eetq package not installed")
+    assert choose_kernel(CPU, torch.float32, 64, 64) == KernelChoice("torch", "eetq package not installed")
 
 
 def test_int8pack_copes_with_activations_and_weights_off_alignment():
@@ -130,7 +140,7 @@ def test_int8pack_copes_with_activations_and_weights_off_alignment():
     layer = _layer(128, 64, torch.bfloat16, KernelChoice("dequantize", "until the weight is moved"))
     buffer = torch.empty(layer.weight.numel() + 8, dtype=torch.int8)
     layer.weight = torch.nn.Parameter(buffer[8:].view_as(layer.weight).copy_(layer.weight), requires_grad=False)
-    layer.use_kernel(KernelChoice("int8pack", "forced"))
+    layer.use_kernel(KernelChoice("int8pack", "forced"), torch.bfloat16)
     x = torch.randn(3 * 128 + 8).to(torch.bfloat16)[8:].view(3, 128)
     assert x.data_ptr() % 32 and layer.weight.data_ptr() % 16 == 0
     assert torch.equal(layer(x), layer(x.clone()))

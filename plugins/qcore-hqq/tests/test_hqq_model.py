@@ -16,7 +16,7 @@ from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear, Quantiz
 from qcore.testing import build
 from qcore_hqq import plugin
 from qcore_hqq.config import HqqConfig, linear_tag
-from qcore_hqq.kernels import pin_backend
+from qcore_hqq.kernels import pin_backend, pin_backends
 from qcore_hqq.layers import STORED_KEYS
 from safetensors import safe_open
 from torch import nn
@@ -106,6 +106,8 @@ def test_quantize_matches_hqqlinear_and_reloads_identically(
     quantized = hqq_modules(model)
     assert len(quantized) == 7 * LAYERS and type(model.lm_head) is nn.Linear
     reference = hqq_reference(LlamaForCausalLM, llama_dir, dtype, lambda name: None if name == "lm_head" else settings)
+    # The same kernels as the qcore model (test_hqq_kernels.py bounds the kernel layer's against hqq's own matmul).
+    pin_backends(hqq_modules(reference).values())
     expected = logits(model, input_ids)
     assert expected.dtype == dtype and torch.isfinite(expected).all()
     assert torch.equal(expected, logits(reference, input_ids))
@@ -185,6 +187,7 @@ def test_dynamic_config_gives_each_tag_its_settings(llama_dir, input_ids, tmp_pa
         return settings and {**settings, "axis": 1}
 
     reference = hqq_reference(LlamaForCausalLM, llama_dir, torch.bfloat16, settings_for)
+    pin_backends(hqq_modules(reference).values())  # the qcore model's kernels (bounded in test_hqq_kernels.py)
     expected_logits = logits(model, input_ids)
     assert torch.equal(expected_logits, logits(reference, input_ids))
 
@@ -200,9 +203,9 @@ def test_unknown_dynamic_tag_is_refused(llama_dir):
         qcore.from_pretrained(llama_dir, {"quant_method": "hqq", "dynamic_config": {"self_attn.qproj": {"nbits": 4}}})
 
 
-def test_group_size_not_dividing_in_features_is_a_config_error(llama_dir):
-    with pytest.raises(qcore.ConfigError, match=r"'group_size'=48 does not divide in_features=64"):
-        qcore.from_pretrained(llama_dir, {"quant_method": "hqq", "group_size": 48})
+def test_group_size_not_dividing_in_features_is_a_config_error_when_strict(llama_dir):
+    with pytest.raises(qcore.ConfigError, match=r"'group_size'=48 does not divide in_features=64.*strict_group_size"):
+        qcore.from_pretrained(llama_dir, {"quant_method": "hqq", "group_size": 48, "strict_group_size": True})
 
 
 # -- availability and placement ------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ Each command group lives in its own module and imports torch, transformers and b
 that needs them, so ``qcore backends`` and ``qcore --help`` stay as light as ``import qcore``.
 
 Every failure a user can cause ends in one line on stderr saying what went wrong and what to do, with exit code 1
-(a :class:`~qcore.QcoreError` or any other failure) or 2 (a usage error); ``qcore --debug COMMAND`` lets the
-exception through instead, with its traceback.
+(a :class:`~qcore.QcoreError` or any other failure), 2 (a usage error, a path that does not exist among them) or
+130 (interrupted with Ctrl-C); ``qcore --debug COMMAND`` lets the exception through instead, with its traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +15,19 @@ from typing import Any
 
 import click
 
-from qcore.cli import authoring, demo, generate, inspection, listing, memory, quantize, sensitivity
+from qcore.cli import (
+    authoring,
+    cache,
+    convert,
+    demo,
+    evaluate,
+    generate,
+    inspection,
+    listing,
+    memory,
+    quantize,
+    sensitivity,
+)  # fmt: skip
 from qcore.cli.output import configure_logging
 from qcore.errors import QcoreError
 
@@ -54,9 +66,14 @@ class _QcoreGroup(click.Group):
         except click.ClickException as error:
             click.echo(f"error: {error.format_message()}", err=True)
             code = error.exit_code
-        except click.Abort:
-            click.echo("aborted", err=True)
-            code = 1
+        except click.Abort as error:
+            if isinstance(error.__context__, KeyboardInterrupt):
+                # Ctrl-C: the shell's convention for a command ended by SIGINT is 128 + 2.
+                click.echo("interrupted", err=True)
+                code = 130
+            else:
+                click.echo("aborted", err=True)
+                code = 1
         if standalone_mode:
             sys.exit(code)
         return code
@@ -77,12 +94,15 @@ def cli(debug: bool) -> None:
 for _command in (
     listing.backends,
     quantize.quantize,
+    convert.convert,
     inspection.inspect,
     generate.generate,
     memory.estimate,
     memory.recommend,
     demo.demo,
     sensitivity.sensitivity,
+    evaluate.evaluate,
+    cache.cache,
     authoring.new_backend,
 ):
     cli.add_command(_command)

@@ -6,12 +6,24 @@ than after a long load.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from qcore.cli.options import device_option, dtype_option, quantization_options, resolve_dtype, resolve_quantization
+from qcore.cli.options import (
+    Checkpoint,
+    cache_option,
+    device_option,
+    dtype_option,
+    quantization_options,
+    resolve_dtype,
+    resolve_quantization,
+)
 from qcore.cli.output import escape, method_names, stderr
 from qcore.cli.quantize import TOKENIZER_FILES, TensorProgress
 
@@ -19,12 +31,13 @@ __all__ = ["generate"]
 
 
 @click.command()
-@click.argument("path", metavar="PATH_OR_HUB_ID")
+@click.argument("path", type=Checkpoint())
 @quantization_options
 @click.option("--prompt", required=True, help="The text to continue.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @dtype_option
 @device_option
+@cache_option
 def generate(
     path: str,
     preset: str | None,
@@ -34,6 +47,7 @@ def generate(
     max_new_tokens: int,
     dtype: str,
     device: str,
+    use_cache: bool,
 ) -> None:
     """Continue --prompt with the model at PATH_OR_HUB_ID, streaming the text as it is generated.
 
@@ -45,17 +59,50 @@ def generate(
     config = resolve_quantization(preset, config_text, recipe, required=False)
     tokenizer = _load_tokenizer(path)
     with TensorProgress("loading") as progress:
-        model = qcore.from_pretrained(path, config, dtype=resolve_dtype(dtype), device_map=device, progress=progress)
+        model = qcore.from_pretrained(
+            path, config, dtype=resolve_dtype(dtype), device_map=device, progress=progress, cache=use_cache or None
+        )
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
     stderr().print(f"[dim]{escape(model.config.model_type)}, {escape(method_names(model))}[/]")
-    click.echo(prompt, nl=False)
-    model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        streamer=_echo_streamer(tokenizer),
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
+    with warnings_after_the_stream():
+        click.echo(prompt, nl=False)
+        model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            streamer=_echo_streamer(tokenizer),
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+
+
+@contextlib.contextmanager
+def warnings_after_the_stream() -> Iterator[None]:
+    """Hold back the warnings and log records libraries emit while the text streams, and write them to stderr after
+    it: a kernel's first-call warning (bitsandbytes warns at the first forward) would land in the middle of the text.
+    """
+    held = _HeldRecords()
+    root = logging.getLogger()
+    handlers, root.handlers = root.handlers, [held]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:
+        root.handlers = handlers
+        for record in held.records:
+            for handler in handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+        for warning in caught:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+class _HeldRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def _load_tokenizer(path: str) -> Any:

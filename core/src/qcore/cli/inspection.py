@@ -1,4 +1,7 @@
-"""``qcore inspect``: what a checkpoint holds, from config.json and the safetensors headers alone (no weight is read).
+"""``qcore inspect``: what a checkpoint holds, from its config and headers alone (no weight is read).
+
+Any container the loader reads works: a safetensors directory, or a weight file a plugin's reader takes (a GGUF
+file carries its config; its tensors show their stored block types, e.g. ``Q4_K``).
 
 Parameters are counted on the model skeleton the loader would build on the meta device, so a quantized checkpoint
 reports the parameters of the model it came from, not the number of packed elements it stores. Tensors are grouped
@@ -15,36 +18,44 @@ from typing import Any
 
 import click
 
-from qcore.cli.options import json_option
+from qcore.cli.options import Checkpoint, json_option
 from qcore.cli.output import escape, format_bytes, format_count, print_json, stdout
 
 __all__ = ["inspect", "describe_checkpoint", "module_kind"]
 
 
 @click.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("path", type=Checkpoint(hub_ids=False))
+@click.option("--gguf-file", metavar="NAME", help="The weight file to describe in PATH, when it holds several.")
 @json_option
-def inspect(path: Path, as_json: bool) -> None:
-    """Describe the checkpoint in PATH without reading its weights.
+def inspect(path: str, gguf_file: str | None, as_json: bool) -> None:
+    """Describe the checkpoint in PATH (a directory or a weight file such as model.gguf) without reading its weights.
 
     Shows the architecture, parameter count, quantization method and config, the plugin it needs (and whether it
     is installed), and the bytes each kind of module takes.
     """
-    report = describe_checkpoint(path)
+    report = describe_checkpoint(Path(path), gguf_file)
     if as_json:
         print_json(report)
     else:
         _print_report(report)
 
 
-def describe_checkpoint(path: Path) -> dict[str, Any]:
+def describe_checkpoint(path: Path, gguf_file: str | None = None) -> dict[str, Any]:
     """The ``qcore inspect`` report as a JSON-ready dict."""
-    from qcore.checkpoint import CheckpointReader
+    from qcore.checkpoint import open_checkpoint
     from qcore.loading import plan
 
-    raw_config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    skeleton = plan(path)  # raises a one-line CheckpointError when config.json is missing or unusable
-    reader = CheckpointReader(path)
+    skeleton = plan(path, gguf_file=gguf_file)  # a one-line CheckpointError when the config is missing or unusable
+    reader = open_checkpoint(path, weights_file=gguf_file)
+    directory = path if path.is_dir() else path.parent
+    container_config = reader.model_config()
+    if container_config is not None:
+        raw_config = container_config.to_dict()
+    elif (directory / "config.json").is_file():
+        raw_config = json.loads((directory / "config.json").read_text())
+    else:
+        raw_config = {}
     quantization = raw_config.get("quantization_config")
     return {
         "path": str(path),

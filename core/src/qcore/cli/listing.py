@@ -47,7 +47,10 @@ def backends(as_json: bool) -> None:
     for column in ("backend", "package", "methods", "presets", "status"):
         table.add_column(column, overflow="fold")
     for info in infos:
-        status = "[green]available[/]" if info.available else f"[red]unavailable[/]: {escape(info.reason or '')}"
+        if info.available:
+            status = "[green]available[/]" + (f": {escape(info.notes)}" if info.notes else "")
+        else:
+            status = f"[red]unavailable[/]: {escape(info.reason or '')}"
         table.add_row(
             escape(info.name),
             escape(f"{info.distribution} {info.version}"),

@@ -17,6 +17,8 @@ from qcore.errors import ConfigError
 
 __all__ = [
     "ByteSize",
+    "cache_option",
+    "Checkpoint",
     "debug_enabled",
     "device_option",
     "dtype_option",
@@ -117,8 +119,34 @@ def device_option(f: Callable[..., Any]) -> Callable[..., Any]:
         "--device",
         default="cpu",
         show_default=True,
+        callback=check_device,
         help="Where to load the model: cpu, cuda, cuda:1, or auto to spread it over the GPUs and CPU.",
     )(f)
+
+
+def check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Refuse a ``--device`` this machine cannot serve, naming the flag as the user typed it (not ``device_map``)."""
+    if not value.startswith("cuda"):
+        return value
+    import torch
+
+    try:
+        index = torch.device(value).index or 0
+    except RuntimeError:
+        raise click.BadParameter(f"{value!r} is not a device; use cpu, cuda, cuda:N or auto", ctx, param) from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        found = f"{count} CUDA device(s)" if count else "no CUDA device"
+        raise click.BadParameter(f"{value!r}: this machine has {found}; use --device cpu", ctx, param)
+    return value
+
+
+def cache_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--cache", "use_cache", is_flag=True,
+        help="Keep an on-the-fly load's result in qcore's cache of quantized copies ($QCORE_CACHE_DIR, default "
+        "~/.cache/qcore/quantized) and load it from there next time ('qcore cache list').",
+    )(f)  # fmt: skip
 
 
 def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -143,3 +171,35 @@ class ByteSize(click.ParamType):
             return parse_nbytes(value)
         except ValueError as error:
             self.fail(str(error), param, ctx)
+
+
+class Checkpoint(click.ParamType):
+    """A checkpoint argument: a local directory or file or, where ``hub_ids``, a hub id (``org/name``).
+
+    A path that does not exist is a usage error (exit code 2) worded the same by every command, before anything is
+    imported or loaded.
+    """
+
+    name = "PATH_OR_HUB_ID"
+
+    def __init__(self, hub_ids: bool = True) -> None:
+        self.hub_ids = hub_ids
+        if not hub_ids:
+            self.name = "PATH"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        if Path(text).exists() or (self.hub_ids and text.count("/") == 1 and _is_hub_id(text)):
+            return text
+        self.fail(f"{text}: no such file or directory", param, ctx)
+
+
+def _is_hub_id(text: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True

@@ -75,17 +75,28 @@ def held_nbytes(model: Any) -> int:
     """Bytes of every tensor a loaded model holds: its parameters, its buffers, and what its state dict adds.
 
     Some backends keep quantization statistics outside parameters and buffers (bitsandbytes' ``quant_state``,
-    HQQ's ``meta``), where ``model.get_memory_footprint()`` does not look; the state dict has them.
+    HQQ's ``meta``), where ``model.get_memory_footprint()`` does not look; the state dict has them. A tensor subclass
+    (torchao's quantized tensors) reports its logical dtype and shape, so its inner tensors are counted instead.
     """
     counted: set[tuple[int, int]] = set()
     total = 0
     for tensor in (*model.parameters(), *model.buffers(), *model.state_dict().values()):
-        nbytes = tensor.numel() * tensor.element_size()
-        key = (tensor.data_ptr(), nbytes)
-        if key not in counted:
-            counted.add(key)
-            total += nbytes
+        for plain in _plain_tensors(tensor):
+            nbytes = plain.numel() * plain.element_size()
+            key = (plain.data_ptr(), nbytes)
+            if key not in counted:
+                counted.add(key)
+                total += nbytes
     return total
+
+
+def _plain_tensors(tensor: Any) -> list[Any]:
+    """The tensors holding ``tensor``'s memory: itself, or a wrapper subclass's inner tensors (recursively)."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is None:
+        return [tensor]
+    names, _ = flatten()
+    return [plain for name in names for plain in _plain_tensors(getattr(tensor, name))]
 
 
 class _OncePerMessage(logging.Filter):

@@ -14,7 +14,15 @@ from typing import Any
 
 import click
 
-from qcore.cli.options import device_option, dtype_option, quantization_options, resolve_dtype, resolve_quantization
+from qcore.cli.convert import calibration_option, read_calibration
+from qcore.cli.options import (
+    Checkpoint,
+    device_option,
+    dtype_option,
+    quantization_options,
+    resolve_dtype,
+    resolve_quantization,
+)
 from qcore.cli.output import escape, format_bytes, format_seconds, held_nbytes, method_names, stderr, stdout
 
 __all__ = ["quantize", "copy_tokenizer", "TensorProgress"]
@@ -35,11 +43,12 @@ TOKENIZER_FILES = (
 
 
 @click.command()
-@click.argument("src")
+@click.argument("src", type=Checkpoint())
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @quantization_options
 @dtype_option
 @device_option
+@calibration_option
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 def quantize(
     src: str,
@@ -49,6 +58,7 @@ def quantize(
     recipe: Path | None,
     dtype: str,
     device: str,
+    calibration: Path | None,
     overwrite: bool,
 ) -> None:
     """Quantize SRC (a checkpoint directory or hub id) and save it to OUT.
@@ -57,24 +67,29 @@ def quantize(
     for a method transformers knows, with transformers itself).
     """
     import qcore
-    from qcore.checkpoint import CheckpointReader
+    from qcore.checkpoint import open_checkpoint
     from qcore.loading import from_pretrained  # imports torch and transformers now, outside the timed load
 
     config = resolve_quantization(preset, config_text, recipe, required=True)
+    data = read_calibration(calibration)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         # Checked before loading, which may take minutes; save_pretrained would only refuse at the end.
         raise click.ClickException(f"{out} exists and is not empty; pass --overwrite or choose another directory")
 
     started = time.perf_counter()
     with TensorProgress("quantizing") as progress:
-        model = from_pretrained(src, config, dtype=resolve_dtype(dtype), device_map=device, progress=progress)
+        model = from_pretrained(
+            src, config, dtype=resolve_dtype(dtype), device_map=device, calibration=data, progress=progress
+        )
     loaded = time.perf_counter()
     qcore.save_pretrained(model, out, overwrite=overwrite)
     saved = time.perf_counter()
 
     source = Path(model.name_or_path)  # the local snapshot, also for a hub id
     copied = copy_tokenizer(source, out)
-    before, after = CheckpointReader(source).total_nbytes(), CheckpointReader(out).total_nbytes()
+    # The reader the load chose (safetensors, or a container such as a .gguf file named by its path).
+    read = open_checkpoint(src if Path(src).is_file() else source)
+    before, after = read.total_nbytes(), open_checkpoint(out).total_nbytes()
     _print_summary(model, src, out, before, after, loaded - started, saved - loaded, copied)
 
 
@@ -92,6 +107,12 @@ def _print_summary(
     summary.add_row("saved", escape(f"{src} -> {out}"))
     summary.add_row("method", escape(methods + (f" (kernels {kernels})" if kernels else "")))
     summary.add_row("modules", f"{len(applied)} quantized")
+    fallbacks = getattr(model, "qcore_fallbacks", {})
+    if fallbacks:
+        name, what = next(iter(fallbacks.items()))
+        summary.add_row(
+            "fallbacks", escape(f"{len(fallbacks)} module(s) did not fit the settings, e.g. {name}: {what}")
+        )
     ratio = f" ({before / after:.2f}x smaller)" if after else ""
     summary.add_row(
         "size",

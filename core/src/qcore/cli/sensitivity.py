@@ -1,26 +1,29 @@
-"""``qcore sensitivity``: per-layer error of candidate presets, and the automatic recipe under a memory budget.
+"""``qcore sensitivity``: per-layer error of candidate presets on real text, the automatic recipe under a memory
+budget, its end-to-end perplexity, and a chart of it all.
 
-The measuring and the choice live in :mod:`qcore.sensitivity`; this module parses options and prints tables.
+The measuring and the choice live in :mod:`qcore.sensitivity`, perplexity in :mod:`qcore.evaluate`, the chart in
+:mod:`qcore.charts`; this module parses options and prints tables.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
-from qcore.cli.options import ByteSize, dtype_option, json_option, resolve_dtype
+from qcore.cli.options import ByteSize, Checkpoint, dtype_option, json_option, resolve_dtype
 from qcore.cli.output import escape, format_bytes, print_json, stderr, stdout
 
 __all__ = ["sensitivity"]
 
 
 @click.command()
-@click.argument("source", metavar="PATH_OR_HUB_ID")
+@click.argument("source", type=Checkpoint())
 @click.option(
-    "--presets", "preset_names", required=True, metavar="NAMES",
-    help="Candidate presets, separated by commas (e.g. hqq-4bit,bnb-int8).",
+    "--preset", "--presets", "preset_names", required=True, multiple=True, metavar="NAMES",
+    help="Candidate presets: repeat the option or separate names by commas (e.g. hqq-4bit,bnb-int8).",
 )  # fmt: skip
 @click.option("--budget", type=ByteSize(), help="Choose a preset per layer so the model fits this size, e.g. 300MB.")
 @click.option(
@@ -28,46 +31,154 @@ __all__ = ["sensitivity"]
     help="With --budget: write the chosen recipe as JSON, for 'qcore quantize --recipe'.",
 )  # fmt: skip
 @click.option(
-    "--inputs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="JSON file with a list of token-id lists to measure on; default: a fixed synthetic batch.",
+    "--text", "text_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Text to measure on (repeatable); default: the calibration part of qcore's built-in corpus.",
 )  # fmt: skip
+@click.option(
+    "--synthetic", is_flag=True,
+    help="Measure on a fixed batch of random token ids instead of text (for a model without a tokenizer).",
+)  # fmt: skip
+@click.option(
+    "--inputs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON file with a list of token-id lists to measure on, instead of text.",
+)  # fmt: skip
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Sequences measured on.")
+@click.option("--length", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per sequence.")
+@click.option(
+    "--eval-text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="With --budget: text to score the chosen recipe's perplexity on; default: the held-out built-in corpus.",
+)  # fmt: skip
+@click.option("--eval-tokens", type=click.IntRange(min=2), default=4096, show_default=True,
+              help="With --budget: tokens of that text to score.")  # fmt: skip
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a heat map PNG of the errors.")
+@click.option("--html", type=click.Path(dir_okay=False, path_type=Path), help="Write the same chart as an HTML page.")
 @dtype_option
 @json_option
 def sensitivity(
-    source: str, preset_names: str, budget: int | None, save_recipe: Path | None, inputs: Path | None,
-    dtype: str, as_json: bool,
+    source: str, preset_names: tuple[str, ...], budget: int | None, save_recipe: Path | None,
+    text_files: tuple[Path, ...], synthetic: bool, inputs: Path | None, batch: int, length: int,
+    eval_text: Path | None, eval_tokens: int, plot: Path | None, html: Path | None, dtype: str, as_json: bool,
 ) -> None:  # fmt: skip
     """Measure each candidate preset's output error on every layer of the model at PATH_OR_HUB_ID.
 
-    Each layer is fed the inputs its full-precision version saw and its relative output error is measured in
-    isolation. With --budget, also choose the per-layer mix of presets (or full precision) with the least total error
-    that fits the budget, and print it.
+    Each layer is fed the inputs its full-precision version saw on real text and its relative output error is
+    measured in isolation. With --budget, also choose the per-layer mix of presets (or full precision) with the
+    least total error that fits the budget, and score that recipe's perplexity next to full precision and the best
+    single preset that fits.
     """
     import torch
 
     from qcore.plugins import preset_config
     from qcore.sensitivity import auto_recipe, measure_sensitivity
 
-    names = [name.strip() for name in preset_names.split(",") if name.strip()]
+    names = [name.strip() for group in preset_names for name in group.split(",") if name.strip()]
     candidates = {name: preset_config(name) for name in names}
-    input_ids = torch.tensor(json.loads(inputs.read_text())) if inputs else None
+    if save_recipe is not None and budget is None:
+        raise click.UsageError("--save-recipe needs --budget")
+    if synthetic and (inputs or text_files):
+        raise click.UsageError("give only one of --synthetic, --inputs and --text")
     torch_dtype = getattr(torch, resolve_dtype(dtype)) if resolve_dtype(dtype) else None
-    stderr().print(f"measuring {len(names)} preset(s) on {escape(source)} ...")
+    tokenizer = None
+    if inputs:
+        input_ids, measured_on = torch.tensor(json.loads(inputs.read_text())), inputs.name
+    elif synthetic:
+        input_ids, measured_on = None, "a synthetic batch of random token ids"
+    else:
+        input_ids, measured_on, tokenizer = _text_batch(source, text_files, batch, length)
+    stderr().print(f"measuring {len(names)} preset(s) on {escape(source)}, on {escape(measured_on)} ...")
     measured = measure_sensitivity(source, candidates, input_ids=input_ids, dtype=torch_dtype)
     chosen = auto_recipe(measured, budget) if budget is not None else None
-    if save_recipe is not None:
-        if chosen is None:
-            raise click.UsageError("--save-recipe needs --budget")
+    if save_recipe is not None and chosen is not None:
         save_recipe.write_text(json.dumps(chosen.recipe.to_dict(), indent=2) + "\n")
+    if plot or html:
+        from qcore import charts
+
+        data = charts.heat_map(measured, chosen)
+        if plot:
+            charts.save_png(data, plot)
+        if html:
+            charts.save_html(data, html, title=f"qcore sensitivity of {source}")
+    scores = None
+    if chosen is not None:
+        scores = _end_to_end(source, measured, chosen, names, budget, tokenizer, eval_text, eval_tokens, torch_dtype)
+
     if as_json:
-        data = {"errors": measured.errors, "nbytes": measured.nbytes, "fixed_nbytes": measured.fixed_nbytes}
+        data = {"measured_on": measured_on, "errors": measured.errors, "nbytes": measured.nbytes,
+                "fixed_nbytes": measured.fixed_nbytes}  # fmt: skip
         if chosen is not None:
             data["auto_recipe"] = {
                 "choice": chosen.choice, "predicted_nbytes": chosen.predicted_nbytes,
                 "predicted_error": chosen.predicted_error, "budget": chosen.budget,
             }  # fmt: skip
+            data["perplexity"] = scores
         print_json(data)
         return
+    _print_table(source, names, measured, chosen)
+    console = stdout()
+    if chosen is not None:
+        best_single = _best_single(measured, names, budget)
+        console.print(
+            f"auto recipe: {format_bytes(chosen.predicted_nbytes)} of {format_bytes(chosen.budget)} budget, "
+            f"total error {chosen.predicted_error:.3e}"
+            + (f" (best single preset that fits: {best_single[0]}, {best_single[1]:.3e})" if best_single else "")
+        )
+        if scores:
+            console.print(
+                "perplexity on held-out text: "
+                + ", ".join(f"{escape(name)} {value:.3f}" for name, value in scores.items())
+            )
+        if save_recipe is not None:
+            console.print(
+                f"recipe written to {escape(str(save_recipe))}; use: qcore quantize SRC OUT --recipe "
+                f"{escape(str(save_recipe))}"
+            )
+    for path in (plot, html):
+        if path:
+            console.print(f"chart written to {escape(str(path))}")
+
+
+def _text_batch(source: str, text_files: tuple[Path, ...], batch: int, length: int) -> tuple[Any, str, Any]:
+    from qcore.cli.generate import _load_tokenizer
+    from qcore.sensitivity import text_batch
+
+    try:
+        tokenizer = _load_tokenizer(source)
+    except click.ClickException as error:
+        raise click.ClickException(f"{error.message}; or measure on random token ids with --synthetic") from None
+    texts = [file.read_text(encoding="utf-8") for file in text_files] or None
+    where = ", ".join(file.name for file in text_files) or "the calibration part of qcore's built-in corpus"
+    return text_batch(tokenizer, texts, batch=batch, length=length), f"{batch} x {length} tokens of {where}", tokenizer
+
+
+def _end_to_end(source, measured, chosen, names, budget, tokenizer, eval_text, eval_tokens, dtype):
+    """Perplexity of full precision, the best single preset that fits and the chosen recipe, on held-out text."""
+    if tokenizer is None:
+        stderr().print("no tokenizer: skipping the end-to-end perplexity of the recipe")
+        return None
+    import qcore
+    from qcore.evaluate import encode_texts, perplexity
+
+    texts = [eval_text.read_text(encoding="utf-8")] if eval_text else None
+    if texts is None:
+        from qcore.corpus import evaluation_texts
+
+        texts = evaluation_texts()
+    ids = encode_texts(tokenizer, texts, max_tokens=eval_tokens)
+    loads: dict[str, Any] = {"full precision": None}
+    best_single = _best_single(measured, names, budget)
+    if best_single is not None:
+        loads[best_single[0]] = measured.configs[best_single[0]]
+    loads["auto recipe"] = chosen.recipe
+    scores = {}
+    for name, config in loads.items():
+        stderr().print(f"scoring {escape(name)} on {ids.shape[1]} held-out tokens ...")
+        model = qcore.from_pretrained(source, config, dtype=dtype)
+        scores[name] = perplexity(model, input_ids=ids).perplexity
+        del model
+    return scores
+
+
+def _print_table(source, names, measured, chosen) -> None:
     from rich.table import Table
 
     table = Table(title=escape(f"relative output error per layer of {source}"))
@@ -81,19 +192,7 @@ def sensitivity(
         if chosen is not None:
             row.append(escape(chosen.choice[layer] or "full precision"))
         table.add_row(*row)
-    console = stdout()
-    console.print(table)
-    if chosen is not None:
-        best_single = _best_single(measured, names, budget)
-        console.print(
-            f"auto recipe: {format_bytes(chosen.predicted_nbytes)} of {format_bytes(chosen.budget)} budget, "
-            f"total error {chosen.predicted_error:.3e}"
-            + (f" (best single preset that fits: {best_single[0]}, {best_single[1]:.3e})" if best_single else "")
-        )
-        if save_recipe is not None:
-            console.print(
-                f"recipe written to {escape(str(save_recipe))}; use: qcore quantize SRC OUT --recipe {escape(str(save_recipe))}"
-            )
+    stdout().print(table)
 
 
 def _best_single(measured, names, budget):

@@ -14,9 +14,12 @@ inherits the standard tests::
 
 The tests cover registration (entry point, hook signatures), the config round trip, on-the-fly quantization of tiny
 models of several architectures through all six phases, accuracy, save/reload without re-quantizing, no pickle,
-skip lists and the missing-library error. Each test's docstring says how to fix a failure. A subclass may not
-override or delete a standard test silently: list it in ``expected_failures`` with the reason, and it runs as
-``xfail``.
+skip lists, the missing-library error, hostile or damaged checkpoints (no string in a checkpoint runs code, and every
+damaged stored tensor of a quantized module is refused with a ``CheckpointError``; :mod:`qcore.testing.hostile` makes
+those checkpoints), ``dequantize_module`` inverting the load within the documented bound, and, for a config that
+needs calibration, the block-at-a-time memory bound of a calibrating load. Each test's docstring says how to fix a
+failure. A subclass may not override or delete a standard test silently: list it in ``expected_failures`` with the
+reason, and it runs as ``xfail``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from typing import Any, ClassVar
 
 import pytest
 
+from qcore import hookimpl
+from qcore.testing import hostile
 from qcore.testing.models import ARCHITECTURES, build, logits
 from qcore.timing import PhaseTimer
 
@@ -93,6 +98,9 @@ class BackendConformance:
     architectures: ClassVar[tuple[str, ...]] = ("llama", "opt", "gpt2")
     #: dtype the models are loaded in (a name: ``"bfloat16"``, ``"float16"``, ``"float32"``).
     dtype: ClassVar[str] = "bfloat16"
+    #: Largest accepted ``max |logits(dequantized) - logits(quantized)| / max |logits(quantized)|``: how far the
+    #: weights ``dequantize_module`` gives may be from what the quantized modules compute with (matmul rounding).
+    dequantize_tolerance: ClassVar[float] = 0.05
     #: Standard tests this backend is known to fail: name -> reason. They run as strict xfail.
     expected_failures: ClassVar[dict[str, str]] = {}
 
@@ -130,7 +138,7 @@ class BackendConformance:
         for arch in self.architectures:
             with _recording() as recorder:
                 models[arch] = (
-                    qcore.from_pretrained(checkpoints[arch], dict(self.config), dtype=self._dtype()),
+                    qcore.from_pretrained(checkpoints[arch], dict(self.config), **self._quantizing()),
                     recorder,
                 )
         return models
@@ -139,6 +147,18 @@ class BackendConformance:
         import torch
 
         return getattr(torch, self.dtype)
+
+    def _quantizing(self) -> dict[str, Any]:
+        """The arguments of a quantizing load: the dtype, and calibration token ids when the config needs them (the
+        tiny models have no tokenizer for the built-in corpus)."""
+        import torch
+
+        import qcore
+
+        arguments: dict[str, Any] = {"dtype": self._dtype()}
+        if qcore.QuantConfig.from_dict(dict(self.config)).needs_calibration:
+            arguments["calibration"] = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+        return arguments
 
     def _plugin_name(self) -> str:
         from qcore import plugins
@@ -209,12 +229,15 @@ class BackendConformance:
 
         Fix: a missing phase name in the assertion means the backend does not implement it or raised silently;
         ``is_quantized`` false means no module was assigned to the backend (check ``preprocess_model`` replaces
-        ``context.modules``).
+        ``context.modules``). A config that needs calibration runs ``calibrate_block`` instead of ``load_weight``.
         """
+        import qcore
         from qcore import hookspecs
 
+        calibrating = qcore.QuantConfig.from_dict(dict(self.config)).needs_calibration
+        expected = [phase for phase in hookspecs.PHASES if not (calibrating and phase == "load_weight")]
         for arch, (model, recorder) in quantized.items():
-            assert recorder.phases == list(hookspecs.PHASES), f"{arch}: phases seen {recorder.phases}"
+            assert recorder.phases == expected, f"{arch}: phases seen {recorder.phases}"
             assert recorder.pre_quantized == {False}
             assert model.is_quantized
 
@@ -271,6 +294,139 @@ class BackendConformance:
             assert path.suffix in (".safetensors", ".json"), f"unexpected file {path.name}"
             assert not path.read_bytes()[:2].startswith(b"\x80"), f"{path.name} looks like a pickle"
 
+    # -- hostile and damaged checkpoints ---------------------------------------------------------------------
+
+    @pytest.fixture(scope="class")
+    def saved(
+        self, quantized: dict[str, Any], checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+    ) -> tuple[Path, str]:
+        """A saved pre-quantized tiny Llama, and the quantized module whose tensors its last file stores last."""
+        import qcore
+
+        if "llama" in quantized:
+            model = quantized["llama"][0]
+        else:
+            model = qcore.from_pretrained(checkpoints["llama"], dict(self.config), **self._quantizing())
+        directory = tmp_path_factory.mktemp("saved") / "llama"
+        qcore.save_pretrained(model, directory)
+        modules = sorted(getattr(model, "qcore_applied", {}), key=len, reverse=True)
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            pytest.fail(
+                "qcore.save_pretrained wrote no safetensors file; the integrity tests damage one. If the backend saves "
+                "another container, list them in expected_failures with the reason"
+            )
+        tensors, _ = hostile.stored_tensors(files[-1])
+        owner = (next((m for m in modules if t.name.startswith(m + ".")), None) for t in reversed(tensors))
+        module = next((m for m in owner if m is not None), None)
+        if module is None:
+            pytest.fail("the saved checkpoint's last safetensors file holds no tensor of a quantized module")
+        return directory, module
+
+    def test_strings_in_a_checkpoint_never_run_code(self, saved: tuple[Path, str], tmp_path: Path) -> None:
+        """A checkpoint whose strings hold Python code loads with a ``CheckpointError``/``ConfigError`` or correctly,
+        and the code never runs.
+
+        One string at a time is replaced by an expression that would create a file if evaluated: each string of
+        config.json, each safetensors metadata value, each tensor of a quantized module that encodes a string and each
+        string inside such a tensor's JSON. Fix: decode every stored string yourself, from an allow-list of names
+        (dtypes from a fixed table), before handing plain values to the library; never pass checkpoint data to a
+        library function that calls ``eval``, ``exec``, ``pickle`` or ``importlib`` on it (hqq's
+        ``decode_safetensor_type`` does), nor look a name from the file up with ``getattr`` on a module.
+        """
+        import json
+        import shutil
+
+        import torch
+
+        import qcore
+
+        directory, module = saved
+        file = sorted(directory.glob("*.safetensors"))[-1]
+        tensors, metadata = hostile.stored_tensors(file)
+        mine = [t for t in tensors if t.name.startswith(module + ".")]
+        config = json.loads((directory / "config.json").read_text())
+        reference = logits(qcore.from_pretrained(directory))
+        marker = tmp_path / "the-checkpoint-ran-code"
+        problems = []
+        fields = hostile.string_fields(config, metadata, mine, hostile.payload(marker))
+        for index, (where, new_config, new_metadata, tensor) in enumerate(fields):
+            case = hostile.write_copy(
+                directory,
+                tmp_path / f"case{index}",
+                {tensor.name: tensor} if tensor is not None else None,
+                metadata=new_metadata,
+                config=new_config,
+            )
+            try:
+                model = qcore.from_pretrained(case)
+            except (qcore.CheckpointError, qcore.ConfigError):
+                pass
+            except Exception as error:  # anything else is a failure of the test, reported with the case
+                problems.append(f"{where}: {type(error).__name__}: {error}")
+            else:
+                if not torch.equal(logits(model), reference):
+                    problems.append(f"{where}: loaded, with logits that differ from the unchanged checkpoint's")
+            if marker.exists():
+                problems.append(f"{where}: THE EXPRESSION RAN")
+                marker.unlink()
+            shutil.rmtree(case)
+        assert not problems, "\n".join(problems)
+
+    @pytest.mark.slow
+    def test_damaged_stored_tensors_are_refused(self, saved: tuple[Path, str], tmp_path: Path) -> None:
+        """Each damaged stored tensor of a quantized module gives a ``CheckpointError``, never a silent load or a crash.
+
+        For the module stored last in the saved checkpoint, each of its tensors in turn is deleted, truncated, cut to
+        one element, given an extra dimension, stored with a dtype of the other kind, and (for strings and JSON)
+        replaced by garbage or given a JSON field of the wrong type; the damaged tensor is moved to the end of the
+        file. (Only a tensor the format lets a writer leave out may be deleted without an error, and only if exactly
+        the undamaged model loads.) The loads run in a child process, so a kernel reading out of bounds fails the
+        test instead of killing the suite. Fix: in ``load_weight``, before building the layer, check every stored
+        tensor of the module against the module's shape and the config (dtype, exact shape, the packed size that
+        bits, group size or block size imply, every JSON field's type and range) and raise
+        ``qcore.CheckpointError(message, file=..., tensor=...)`` naming what was expected.
+        """
+        import json
+        import subprocess
+
+        import qcore
+
+        directory, module = saved
+        file = sorted(directory.glob("*.safetensors"))[-1]
+        tensors, _ = hostile.stored_tensors(file)
+        labels = {}
+        for tensor in (t for t in tensors if t.name.startswith(module + ".")):
+            damaged = [("deleted", None), *hostile.corruptions(tensor)]
+            for how, replacement in damaged:
+                case = f"case{len(labels):03d}"
+                labels[case] = f"{tensor.name} {how}"
+                hostile.write_copy(directory, tmp_path / case, {tensor.name: replacement})
+        # One child process runs every case: starting one costs far more than a load of this model.
+        child = subprocess.run(
+            [sys.executable, "-m", "qcore.testing.hostile", *(str(tmp_path / case) for case in labels)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        reports = [json.loads(line) for line in child.stdout.splitlines() if line.startswith('{"case"')]
+        outcomes = {r["case"]: r for r in reports if "outcome" in r}
+        if child.returncode != 0:
+            started = [r["case"] for r in reports if r.get("started") and r["case"] not in outcomes]
+            crashed = labels[started[-1]] if started else "(before the first case)"
+            pytest.fail(f"the loading process died (exit {child.returncode}) on {crashed}:\n{child.stderr[-3000:]}")
+        assert outcomes.keys() == labels.keys(), f"no outcome for {sorted(labels.keys() - outcomes.keys())[:5]}"
+        reference = hostile.digest(logits(qcore.from_pretrained(directory)))
+        wrong = [
+            f"{labels[case]}: {r['outcome']} {r['message'][:300]}".strip()
+            for case, r in outcomes.items()
+            # A tensor the format lets a writer leave out (bitsandbytes' weight_format marker) may be deleted, if
+            # the model that loads is exactly the undamaged one.
+            if r["outcome"] != "CheckpointError"
+            and not (labels[case].endswith(" deleted") and r["digest"] == reference)
+        ]
+        assert not wrong, "damaged tensors not refused with a CheckpointError:\n" + "\n".join(wrong)
+
     def test_skip_list_is_honoured(self, checkpoints: dict[str, Path]) -> None:
         """Modules named in the config's skip list stay plain ``torch.nn.Linear``; the others are quantized.
 
@@ -285,7 +441,7 @@ class BackendConformance:
         if skip_field is None:
             pytest.fail("set skip_field on the config class (or the test class) to the field holding the skip list")
         model = qcore.from_pretrained(
-            checkpoints["llama"], {**self.config, skip_field: ["q_proj", "lm_head"]}, dtype=self._dtype()
+            checkpoints["llama"], {**self.config, skip_field: ["q_proj", "lm_head"]}, **self._quantizing()
         )
         layer = model.model.layers[0]
         assert type(layer.self_attn.q_proj) is torch.nn.Linear
@@ -321,6 +477,110 @@ class BackendConformance:
         )  # type: ignore[arg-type]
         with pytest.raises(qcore.BackendUnavailable, match="pip install"):
             plugins.phase_caller("validate", self._plugin_name())(config=config, context=context)
+
+    # -- dequantize and calibration ---------------------------------------------------------------------------
+
+    def test_dequantize_inverts_load(self, quantized: dict[str, Any], checkpoints: dict[str, Path]) -> None:
+        """``dequantize_module`` gives, for every quantized module, plain tensors of the original shapes that
+        compute what the module computes (logits within ``dequantize_tolerance``) and lie within ``tolerance``
+        of the full-precision weights the module was quantized from.
+
+        Fix: implement ``dequantize_module(config, module_name, module, dtype)`` returning ``{"weight": [out, in]
+        (``[in, out]`` for a ``Conv1D``), "bias": ...}`` in ``dtype``, built from exactly the tensors the module's
+        forward uses (the kernel layer's ``weight.dequantize(dtype)``), without changing the module.
+        """
+        import qcore
+        from qcore.convert import dequantize_module
+
+        for arch, (model, _) in quantized.items():
+            reference = qcore.from_pretrained(checkpoints[arch], dtype=self._dtype())
+            worst = 0.0
+            for name in model.qcore_applied:
+                tensors = dequantize_module(model, name, self._dtype())
+                original = reference.get_submodule(name).weight.detach()
+                assert tensors["weight"].shape == original.shape, f"{arch} {name}: weight shape"
+                assert tensors["weight"].dtype == self._dtype(), f"{arch} {name}: weight dtype"
+                error = (tensors["weight"].float() - original.float()).abs().max() / original.float().abs().max()
+                worst = max(worst, float(error))
+            assert worst <= self.tolerance, f"{arch}: dequantized weights off by {worst:.4f} > {self.tolerance}"
+            fresh = qcore.from_pretrained(checkpoints[arch], dict(self.config), **self._quantizing())
+            expected = logits(fresh).float()
+            error = (logits(qcore.dequantize(fresh)).float() - expected).abs().max() / expected.abs().max()
+            assert error <= self.dequantize_tolerance, (
+                f"{arch}: the dequantized model's logits differ by {error:.4f} > {self.dequantize_tolerance}"
+            )
+            assert not fresh.is_quantized and all(
+                type(fresh.get_submodule(name)) is type(reference.get_submodule(name)) for name in model.qcore_applied
+            ), f"{arch}: dequantize left quantized modules behind"
+
+    def test_calibration_streams_one_block_at_a_time_when_needed(self, checkpoints: dict[str, Path]) -> None:
+        """A config that needs calibration gets every decoder block in model order, later blocks still on the meta
+        device, and the model's tensors never exceed the quantized model plus that one block in full precision; a
+        config that does not is never handed a block, even when calibration data is given.
+
+        Fix: in ``calibrate_block``, replace every module of ``context.block_modules(block_name)`` and keep no
+        reference to the full-precision weights (nor to the Linears' input activations once the block is
+        quantized); make ``needs_calibration`` true only for configs whose quantization uses the data.
+        """
+        import torch
+
+        import qcore
+
+        monitor = _CalibrationMonitor()
+        qcore.register_plugin(monitor, "qcore-conformance-calibration")
+        try:
+            arguments = self._quantizing()
+            if "calibration" not in arguments:
+                arguments["calibration"] = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+                model = qcore.from_pretrained(checkpoints["llama"], dict(self.config), **arguments)
+                assert monitor.blocks == [], "a config that needs no calibration was handed decoder blocks"
+                assert model.is_quantized
+                return
+            model = qcore.from_pretrained(checkpoints["llama"], dict(self.config), **arguments)
+        finally:
+            qcore.unregister_plugin("qcore-conformance-calibration")
+        assert monitor.blocks == [f"model.layers.{i}" for i in range(len(model.model.layers))]
+        assert all(monitor.later_on_meta), "a block after the one being calibrated already held tensors"
+        final = _tensor_nbytes(model)
+        for block, held, block_nbytes in zip(monitor.blocks, monitor.held, monitor.block_nbytes, strict=True):
+            assert held <= final + block_nbytes, (
+                f"{block}: the model held {held} bytes, more than the quantized model ({final}) plus one block in "
+                f"full precision ({block_nbytes})"
+            )
+
+
+class _CalibrationMonitor:
+    """Measures, as each block reaches ``calibrate_block``, the bytes the whole model holds."""
+
+    def __init__(self) -> None:
+        self.blocks: list[str] = []
+        self.held: list[int] = []
+        self.block_nbytes: list[int] = []
+        self.later_on_meta: list[bool] = []
+
+    @hookimpl(wrapper=True)
+    def calibrate_block(self, model: Any, block_name: str, block: Any) -> Any:
+        self.blocks.append(block_name)
+        self.held.append(_tensor_nbytes(model))
+        self.block_nbytes.append(_tensor_nbytes(block))
+        container, _, index = block_name.rpartition(".")
+        later = list(model.get_submodule(container))[int(index) + 1 :]
+        self.later_on_meta.append(all(p.device.type == "meta" for b in later for p in b.parameters()))
+        return (yield)
+
+
+def _tensor_nbytes(module: Any) -> int:
+    """Bytes of the real (not meta) tensors a module holds, each storage counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for tensor in (*module.parameters(), *module.buffers(), *module.state_dict().values()):
+        if tensor.device.type == "meta":
+            continue
+        key = (tensor.data_ptr(), tensor.numel() * tensor.element_size())
+        if key not in seen:
+            seen.add(key)
+            total += key[1]
+    return total
 
 
 BackendConformance._STANDARD = frozenset(name for name in vars(BackendConformance) if name.startswith("test_"))

@@ -5,6 +5,7 @@ Shared by qcore's own tests and the conformance suite, so every backend is check
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,46 @@ def build(arch: str, directory: str | Path, dtype: Any = None, seed: int = 0, **
     model = getattr(transformers, class_name)(config).to(dtype or torch.bfloat16)
     model.save_pretrained(directory)
     return Path(directory)
+
+
+def add_byte_tokenizer(directory: str | Path) -> Path:
+    """Save a byte-level tokenizer (one token per byte, 256 in all) beside a tiny model, so any text encodes.
+
+    The tiny models have 256-token vocabularies, so real text can be scored and generated without a download.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins byte-level BPE uses for bytes
+    vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet, key=lambda c: _byte_of(c)))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=_stand_in(0), pad_token=_stand_in(0))
+    tokenizer.save_pretrained(directory)
+    return Path(directory)
+
+
+@functools.cache
+def _byte_values() -> dict[str, int]:
+    # GPT-2's table: printable bytes stand for themselves, the others are shifted past 255.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    table, shift = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[chr(byte)] = byte
+        else:
+            table[chr(256 + shift)] = byte
+            shift += 1
+    return table
+
+
+def _byte_of(symbol: str) -> int:
+    return _byte_values()[symbol]
+
+
+def _stand_in(byte: int) -> str:
+    return next(symbol for symbol, value in _byte_values().items() if value == byte)
 
 
 def logits(model: Any, input_ids: Any = None) -> Any:

@@ -18,7 +18,7 @@ from qcore_bnb.config import BnbConfig
 __all__ = ["MIN_VERSION", "import_bitsandbytes", "check_devices", "check_offload", "offloaded_prefixes", "kernel_name"]
 
 #: transformers' own minimum (``BITSANDBYTES_MIN_VERSION``): the CPU backend and the packed quant-state format.
-MIN_VERSION = "0.46.1"
+MIN_VERSION = "0.50.0"
 REQUIREMENT = f"bitsandbytes>={MIN_VERSION}"
 
 
@@ -48,8 +48,11 @@ def check_devices(bnb: ModuleType, device_map: Mapping[str, Any]) -> None:
     for prefix, target in device_map.items():
         if target == "disk":
             continue
-        device = torch.device(f"cuda:{target}" if isinstance(target, int) else target)
         where = f"device_map[{prefix!r}] = {target!r}"
+        try:
+            device = torch.device(f"cuda:{target}" if isinstance(target, int) else target)
+        except (RuntimeError, TypeError):
+            raise qcore.ConfigError(f"{where} is not a device; use 'cpu', 'cuda:N' or a GPU index") from None
         if device.type not in supported:
             raise qcore.BackendUnavailable(
                 f"{where}: bitsandbytes {bnb.__version__} has no kernels for {device.type!r} (it supports "
@@ -69,9 +72,16 @@ def check_devices(bnb: ModuleType, device_map: Mapping[str, Any]) -> None:
 
 
 def check_offload(config: BnbConfig, device_map: Mapping[str, Any]) -> None:
-    """transformers' rule: modules on the CPU or disk beside an accelerator need llm_int8_enable_fp32_cpu_offload."""
-    values = set(device_map.values())
-    if config.llm_int8_enable_fp32_cpu_offload or values == {"cpu"} or not values & {"cpu", "disk"}:
+    """No quantized layer on disk; and transformers' rule: modules on the CPU beside an accelerator need
+    llm_int8_enable_fp32_cpu_offload."""
+    on_disk = sorted(prefix for prefix, target in device_map.items() if target == "disk")
+    if on_disk:
+        raise qcore.ConfigError(
+            f"bitsandbytes: modules {on_disk} are mapped to 'disk', where quantized layers cannot live; give them CPU "
+            f"or GPU memory (max_memory), or choose a smaller preset"
+        )
+    values = {str(target) for target in device_map.values()}
+    if config.llm_int8_enable_fp32_cpu_offload or values == {"cpu"} or "cpu" not in values:
         return
     offloaded = sorted(prefix for prefix, target in device_map.items() if target in ("cpu", "disk"))
     raise qcore.ConfigError(

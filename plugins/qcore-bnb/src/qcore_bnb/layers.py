@@ -14,7 +14,14 @@ import qcore
 from qcore_bnb.config import BnbConfig
 from qcore_bnb.environment import offloaded_prefixes
 
-__all__ = ["replace_linears", "quantize_weight", "restore_weight", "is_bnb_layer"]
+__all__ = [
+    "replace_linears",
+    "quantize_weight",
+    "restore_weight",
+    "is_bnb_layer",
+    "save_as_loaded",
+    "dequantized",
+]
 
 
 def replace_linears(config: BnbConfig, context: qcore.LoadContext, model: Any) -> None:
@@ -113,37 +120,48 @@ def _quantized(layer: Any, value: Any) -> Any:
     return bnb.nn.Int8Params(value.to("cpu"), requires_grad=False, **settings).to(value.device)
 
 
-def restore_weight(context: qcore.LoadContext, layer: Any, module_name: str, stored: dict[str, Any]) -> Any:
-    """The layer's weight rebuilt from its stored tensors (``weight`` plus its statistics), on its device."""
+def restore_weight(
+    context: qcore.LoadContext, config: BnbConfig, layer: Any, module_name: str, stored: dict[str, Any]
+) -> Any:
+    """The layer's weight rebuilt from its stored tensors (``weight`` plus its statistics), on its device.
+
+    Every stored tensor is checked against the module's shape and the config first (:mod:`qcore_bnb.stored`):
+    bitsandbytes' kernels index the statistics by the sizes they claim, so none of them may reach it unchecked.
+    """
     import bitsandbytes as bnb
 
-    if isinstance(layer, bnb.nn.Linear8bitLt) and layer.state.has_fp16_weights:
+    from qcore_bnb.stored import check_4bit, check_int8
+
+    files = {name: _file_of(context, f"{module_name}.{name}") for name in stored}
+    device = context.device_for(module_name)
+    if isinstance(layer, bnb.nn.Linear4bit):
+        if set(stored) == {"weight"} and stored["weight"].is_floating_point():
+            raise _not_quantized(context, module_name, "weight.quant_state.bitsandbytes__<nf4|fp4>")
+        checked = check_4bit(config, module_name, stored, layer.out_features, layer.in_features, files)
+        stats = {k: v.to(device) if hasattr(v, "to") else v for k, v in checked["stats"].items()}
+        weight = checked["weight"].to(device)
+        return bnb.nn.Params4bit.from_prequantized(
+            data=weight, quantized_stats=stats, requires_grad=False, device=weight.device, module=layer
+        )
+    fp16_weights = layer.state.has_fp16_weights
+    if not fp16_weights and set(stored) == {"weight"} and stored["weight"].is_floating_point():
+        raise _not_quantized(context, module_name, "SCB")
+    checked = check_int8(module_name, stored, layer.out_features, layer.in_features, files, fp16_weights=fp16_weights)
+    if fp16_weights:
         # Saved unquantized (bitsandbytes writes no SCB for 16-bit weights): load it as a full-precision weight.
         # It is already in Linear orientation. transformers cannot load these checkpoints (it casts the skeleton's
         # trainable weight to int8 and fails).
-        return _quantized(layer, stored["weight"].to(device=context.device_for(module_name), dtype=context.dtype))
-    device = context.device_for(module_name)
-    stored = {name: tensor.to(device) for name, tensor in stored.items()}
-    weight = stored.pop("weight")
-    if isinstance(layer, bnb.nn.Linear4bit):
-        if not any(name.startswith("weight.quant_state.") for name in stored):
-            raise _not_quantized(context, module_name, "weight.quant_state.bitsandbytes__<nf4|fp4>")
-        return bnb.nn.Params4bit.from_prequantized(
-            data=weight, quantized_stats=stored, requires_grad=False, device=weight.device, module=layer
-        )
-    weight_format = stored.get("weight_format")
-    if weight_format is not None and int(weight_format) != 0:
-        raise qcore.CheckpointError(
-            f"weight_format {int(weight_format)} is a GPU-specific int8 layout bitsandbytes no longer reads; "
-            f"re-save the model with bitsandbytes >= 0.45 (row-major, weight_format 0)",
-            file=str(context.source),
-            tensor=f"{module_name}.weight_format",
-        )
-    if "SCB" not in stored:
-        raise _not_quantized(context, module_name, "SCB")
+        return _quantized(layer, checked["weight"].to(device=device, dtype=context.dtype))
+    weight = checked["weight"].to(device)
     settings = dict(layer.weight.__dict__)
-    settings["SCB"] = stored["SCB"]
+    settings["SCB"] = checked["SCB"].to(device)
     return bnb.nn.Int8Params(weight, requires_grad=False, **settings).to(weight.device)
+
+
+def _file_of(context: qcore.LoadContext, key: str) -> str:
+    """The checkpoint file holding tensor ``key`` (the directory when the key was renamed on the way in)."""
+    info = context.checkpoint.tensors.get(key)
+    return str(info.file if info is not None else context.source)
 
 
 def _not_quantized(context: qcore.LoadContext, module_name: str, missing: str) -> qcore.CheckpointError:
@@ -153,3 +171,85 @@ def _not_quantized(context: qcore.LoadContext, module_name: str, missing: str) -
         file=str(context.source),
         tensor=f"{module_name}.weight",
     )
+
+
+def save_as_loaded(layer: Any) -> None:
+    """Make a 4-bit layer save the tensors it was loaded with, also after bitsandbytes repacked it for the CPU.
+
+    bitsandbytes (0.48 and later) repacks a 4-bit layer for its AVX512-BF16 CPU kernel at the first inference
+    forward, turning ``absmax`` into bfloat16 blocks, and its ``_save_to_state_dict`` undoes that only in part: without
+    double quantization it writes the repacked ``absmax`` (a checkpoint no loader accepts), with it it re-quantizes
+    ``absmax`` (other bytes than were loaded), and either way it leaves the layer changed. The layer saves instead
+    the statistics it was loaded with, kept here, and its weight unpacked on a copy, so a model saved after
+    ``generate`` reloads into exactly the model that was saved.
+    """
+    import types
+
+    if not getattr(layer, "support_avx512bf16_for_cpu", False) or layer.weight.device.type != "cpu":
+        return  # this bitsandbytes or this CPU never repacks
+    layer.qcore_loaded_stats = {
+        key: value.detach().clone() for key, value in layer.weight.quant_state.as_dict(packed=True).items()
+    }
+    layer._save_to_state_dict = types.MethodType(_save_as_loaded, layer)
+
+
+def _save_as_loaded(layer: Any, destination: dict, prefix: str, keep_vars: bool) -> None:
+    import copy
+
+    import bitsandbytes as bnb
+    from torch import nn
+
+    state = layer.weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        bnb.nn.Linear4bit._save_to_state_dict(layer, destination, prefix, keep_vars)
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    nn.Module._save_to_state_dict(layer, destination, prefix, keep_vars)  # the bias; the weight is replaced below
+    weight, _ = _convert_weight_packed_for_cpu_inverse(layer.weight.data, copy.copy(state))
+    destination[prefix + "weight"] = weight
+    for key, value in layer.qcore_loaded_stats.items():
+        destination[prefix + "weight." + key] = value
+
+
+def dequantized(layer: Any, dtype: Any) -> dict[str, Any]:
+    """The plain ``weight`` (``[out, in]``, or ``[in, out]`` for a ``Conv1D``) and ``bias`` a bnb layer computes with.
+
+    bitsandbytes' own functions decode it: ``dequantize_4bit`` with the layer's ``quant_state`` (nf4/fp4, double
+    quantization included), ``int8_vectorwise_dequant`` of the int8 rows with their ``SCB`` for LLM.int8(). A 4-bit
+    layer repacked for the AVX512-BF16 CPU kernel has its bytes unpacked on a copy and decodes with the bfloat16
+    block scales that kernel computes with. New tensors in ``dtype``, on the layer's device; the layer is unchanged.
+    """
+    import copy
+
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from transformers.pytorch_utils import Conv1D
+
+    data = layer.weight.data
+    if isinstance(layer, bnb.nn.Linear4bit):
+        state = layer.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            unpacking = copy.copy(state)
+            unpacking.original_nested = False  # the inverse would re-quantize absmax, which the kernel does not use
+            data, _ = F._convert_weight_packed_for_cpu_inverse(data, unpacking)
+            state = F.QuantState(
+                absmax=state.absmax.T.reshape(-1).float(),
+                shape=state.shape,
+                code=state.code,
+                blocksize=state.blocksize,
+                quant_type=state.quant_type,
+                dtype=state.original_dtype,
+            )
+        weight = F.dequantize_4bit(data, state)
+    elif layer.state.has_fp16_weights:
+        weight = data.clone()
+    else:
+        # SCB sits on the weight until the first forward moves it to the layer's matmul state.
+        scb = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+        weight = F.int8_vectorwise_dequant(data, scb)
+    weight = weight.to(dtype)
+    tensors = {"weight": weight.T.contiguous() if issubclass(layer.source_cls, Conv1D) else weight}
+    if layer.bias is not None:
+        tensors["bias"] = layer.bias.detach().to(dtype=dtype, copy=True)
+    return tensors

@@ -4,6 +4,9 @@ This is the module the ``qcore`` entry point names. Importing it imports neither
 phase imports what it needs when called. The phases run in the order qcore runs them::
 
     validate -> update_device_map -> preprocess_model -> load_weight (per tensor) -> postprocess -> optimize_runtime
+
+``dequantize_module``, the inverse of ``load_weight``, gives ``qcore.dequantize`` and ``qcore convert`` the plain
+weight of each bnb layer.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ __all__ = [
     "load_weight",
     "postprocess",
     "optimize_runtime",
+    "dequantize_module",
 ]
 
 _NF4 = {
@@ -37,7 +41,8 @@ PRESETS = (
     qcore.Preset(
         "bnb-nf4",
         _NF4,
-        summary="4-bit NormalFloat (QLoRA), ~4.5 bits/weight; the best bnb 4-bit quality, fast on CUDA only",
+        summary="4-bit NormalFloat (QLoRA), ~4.5 bits/weight; the best bnb 4-bit quality, fast on CUDA only; computes "
+        "in bfloat16 (bnb_4bit_compute_dtype), also for a float32 model, where transformers' default is float32",
         trainable=True,
         fast_on=("cuda",),
     ),
@@ -74,6 +79,8 @@ def register_backend() -> qcore.Backend:
 def validate(config: BnbConfig, context: qcore.LoadContext) -> None:
     from qcore_bnb.environment import check_devices, import_bitsandbytes
 
+    # Only the devices the caller named ({} for "auto" and the other strategies): the resolved map is checked again
+    # in update_device_map, still before any weight is read.
     check_devices(import_bitsandbytes(), context.device_map)
 
 
@@ -113,7 +120,7 @@ def load_weight(
     stored = context.gather(module_name, tensor_name, tensor)
     if stored is None:
         return {}
-    return {"weight": restore_weight(context, layer, module_name, stored)}
+    return {"weight": restore_weight(context, config, layer, module_name, stored)}
 
 
 @qcore.hookimpl
@@ -128,7 +135,17 @@ def postprocess(config: BnbConfig, context: qcore.LoadContext, model: Any) -> No
 @qcore.hookimpl
 def optimize_runtime(config: BnbConfig, context: qcore.LoadContext, model: Any) -> None:
     from qcore_bnb.environment import kernel_name
-    from qcore_bnb.layers import is_bnb_layer
+    from qcore_bnb.layers import is_bnb_layer, save_as_loaded
 
     quantized = [name for name in context.modules if is_bnb_layer(model.get_submodule(name))]
+    if not config.load_in_8bit:
+        for name in quantized:
+            save_as_loaded(model.get_submodule(name))
     context.report_kernel(kernel_name(config, {context.device_for(name).type for name in quantized}))
+
+
+@qcore.hookimpl
+def dequantize_module(config: BnbConfig, module_name: str, module: Any, dtype: Any) -> dict[str, Any] | None:
+    from qcore_bnb.layers import dequantized, is_bnb_layer
+
+    return dequantized(module, dtype) if is_bnb_layer(module) else None

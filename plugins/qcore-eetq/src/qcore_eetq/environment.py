@@ -1,41 +1,42 @@
 """Which int8 matmul can run here: the account ``validate`` (phase 1) logs and the choice ``optimize_runtime``
 (phase 6) makes for each module.
 
-Three kernels, fastest first:
+Two families, fastest first:
 
 * ``eetq``: the eetq package's CUDA w8a16 GEMM (``EETQ.w8_a16_gemm``), for float16 activations on a GPU whose
   architecture eetq's weight layout transform supports (sm70 to sm89), in/out features multiples of 64.
-* ``int8pack``: PyTorch's own ``torch._weight_int8pack_mm(x, q[N, K], scale[N])``, on CUDA in any float dtype, and
-  on CPU for bfloat16 (the only dtype its CPU kernel vectorizes; it also needs in_features divisible by 16 there).
-* ``dequantize``: ``q * scale`` materialised per call, then torch's matmul: runs anywhere, and on CPU is faster
-  than ``int8pack`` for float16 and float32 activations.
+* otherwise qcore's kernel layer (:mod:`qcore.kernels`) picks for the module's shape, device and dtype: on CPU in
+  bfloat16 torch's int4 kernel run on the int8 codes as two 4-bit halves (the same bytes, faster than
+  ``torch._weight_int8pack_mm`` at decode batch sizes), ``torch._weight_int8pack_mm`` on CUDA, and
+  dequantize + matmul where a kernel refuses (CPU float16/float32, shapes a kernel cannot take).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 from collections import Counter
 from collections.abc import Iterable
 from types import ModuleType
 
 import torch
+from qcore.kernels import KERNELS
 
 __all__ = ["KERNEL_NAMES", "KernelChoice", "eetq_kernels", "choose_kernel", "describe", "summarize"]
 
+#: ``torch`` means: the kernel layer chooses (the module records the kernel it chose).
 KERNEL_NAMES = {
     "eetq": "eetq w8_a16_gemm",
-    "int8pack": "torch._weight_int8pack_mm",
-    "dequantize": "dequantize + torch matmul",
+    "torch": "qcore.kernels int8",
+    **KERNELS,
+    "int4pack-cpu": f"{KERNELS['int4pack-cpu']} on two 4-bit halves",
+    "tinygemm-cuda": f"{KERNELS['tinygemm-cuda']} on two 4-bit halves",
 }
 
 #: GPU architectures (compute capability) whose layout eetq's preprocess_weights knows.
 _EETQ_ARCHS = ((7, 0), (9, 0))
 #: eetq's GEMM tiles the weight in blocks of 64 along both dimensions.
 _EETQ_TILE = 64
-#: torch 2.13's CPU bfloat16 int8 kernel reads K in steps of 16 with no tail: other sizes give garbage or a crash.
-_CPU_BF16_K_STEP = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,19 +60,11 @@ def eetq_kernels() -> ModuleType | None:
 
 
 def choose_kernel(device: torch.device, dtype: torch.dtype, in_features: int, out_features: int) -> KernelChoice:
-    """The fastest kernel that computes a ``Linear(in_features, out_features)`` correctly on ``device`` in ``dtype``."""
+    """``eetq`` where the eetq package runs this ``Linear(in_features, out_features)``; otherwise ``torch`` (the
+    kernel layer then picks), with the reason eetq does not run."""
     choice = _kernel_for(device, dtype)
     if choice.kernel == "eetq" and (in_features % _EETQ_TILE or out_features % _EETQ_TILE):
-        return KernelChoice("int8pack", f"eetq needs in/out features divisible by {_EETQ_TILE}")
-    if (
-        choice.kernel == "int8pack"
-        and device.type == "cpu"
-        and dtype == torch.bfloat16
-        and in_features % _CPU_BF16_K_STEP
-    ):
-        return KernelChoice(
-            "dequantize", f"torch's CPU bfloat16 int8 kernel needs in_features divisible by {_CPU_BF16_K_STEP}"
-        )
+        return KernelChoice("torch", f"eetq needs in/out features divisible by {_EETQ_TILE}")
     return choice
 
 
@@ -112,26 +105,4 @@ def _kernel_for(device: torch.device, dtype: torch.dtype) -> KernelChoice:
         missing = f"eetq's weight layout supports sm70 to sm89, this GPU is sm{major}{minor}"
     else:
         return KernelChoice("eetq", "eetq package, CUDA, float16")
-    if device.type == "cpu":
-        if dtype == torch.bfloat16:
-            return KernelChoice("int8pack", missing)
-        return KernelChoice(
-            "dequantize", f"{missing}; torch's CPU int8 kernel is fast only for bfloat16, not {_dtype_label(dtype)}"
-        )
-    if _int8pack_runs_on(device.type, dtype):
-        return KernelChoice("int8pack", missing)
-    return KernelChoice("dequantize", f"{missing}; this torch has no int8 weight-only matmul for {device.type}")
-
-
-@functools.cache
-def _int8pack_runs_on(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether this torch build has ``_weight_int8pack_mm`` for ``device_type`` (older CUDA builds, MPS, XPU vary)."""
-    try:
-        torch._weight_int8pack_mm(
-            torch.zeros(1, 16, dtype=dtype, device=device_type),
-            torch.zeros(8, 16, dtype=torch.int8, device=device_type),
-            torch.ones(8, dtype=dtype, device=device_type),
-        )
-    except (NotImplementedError, RuntimeError):
-        return False
-    return True
+    return KernelChoice("torch", missing)

@@ -4,21 +4,24 @@ filled in phase 4, given its kernel in phase 6, and saved by its ``state_dict()`
 Its tensors are transformers' ``EetqLinear`` names: ``weight`` (int8), ``weight_scales`` (float16, one per output
 row) and ``bias``, plus ``weight_layout``, a uint8 scalar saying how ``weight`` is laid out (see
 :mod:`qcore_eetq.quantize`). ``state_dict()`` always holds plain rows, whatever layout the kernel uses in memory.
+
+Without the eetq package's GEMM the matmul is qcore's kernel layer: an :class:`qcore.kernels.Int8Weight` over the
+same rows and scales. Where its kernel keeps the codes in a layout of its own (two int4 halves on CPU), that is the
+only copy: ``weight`` becomes a placeholder of the same shape and dtype holding one byte, and ``state_dict()``
+reads the rows back from the kernel layer exactly.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from qcore.kernels import Int8Weight
 from torch import nn
 
 from qcore_eetq.environment import KernelChoice, eetq_kernels
 from qcore_eetq.quantize import EETQ_KERNEL, ROWS, dequantize, eetq_layout, quantize, rows_from_eetq_layout
 
-__all__ = ["EetqLinear", "quantize_weight", "restore"]
-
-#: The alignment of every tensor torch allocates on the CPU, which its int8 kernel relies on.
-_ALIGNMENT = 64
+__all__ = ["EetqLinear", "quantize_weight", "restore", "dequantized"]
 
 
 class EetqLinear(nn.Module):
@@ -38,6 +41,8 @@ class EetqLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
         #: Until phase 6 chooses, the kernel that runs everywhere.
         self.kernel = "dequantize"
+        #: The kernel layer's weight once phase 6 has chosen one of its kernels.
+        self.packed: Int8Weight | None = None
 
     @classmethod
     def replacing(cls, module: nn.Module, dtype: torch.dtype) -> EetqLinear:
@@ -46,32 +51,37 @@ class EetqLinear(nn.Module):
         in_features, out_features = module.weight.shape if transposed else module.weight.shape[::-1]
         return cls(in_features, out_features, module.bias is not None, dtype, transposed)
 
-    def use_kernel(self, choice: KernelChoice) -> None:
-        """Switch to ``choice``'s kernel, converting ``weight`` to the layout it reads (phase 6)."""
+    def use_kernel(self, choice: KernelChoice, dtype: torch.dtype) -> KernelChoice:
+        """Switch to ``choice``'s kernel for ``dtype`` activations, converting ``weight`` to the layout it reads
+        (phase 6), and return the kernel that runs: ``torch`` lets the kernel layer pick, any other kernel layer name
+        forces that kernel."""
         if choice.kernel == "eetq":
             # The only copy of the weight becomes eetq's layout: holding both would double the weight memory.
             self.weight = nn.Parameter(eetq_layout(self.weight, eetq_kernels()), requires_grad=False)
             self.weight_layout = torch.tensor(EETQ_KERNEL, dtype=torch.uint8, device=self.weight.device)
-        elif choice.kernel == "int8pack" and _misaligned(self.weight):
-            # A weight restored from a memory-mapped checkpoint can sit at any offset; torch's kernel needs alignment.
-            self.weight = nn.Parameter(self.weight.clone(), requires_grad=False)
-        self.kernel = choice.kernel
+            self.kernel = "eetq"
+            return choice
+        packed = Int8Weight.from_codes(self.weight.detach(), self.weight_scales.detach())
+        forced = None if choice.kernel == "torch" else choice.kernel
+        self.kernel = packed.select(self.weight.device, dtype, batch_hint=1, kernel=forced)
+        if self.kernel in ("int8pack", "dequantize"):
+            # These read plain rows (an aligned copy where the stored ones were misaligned): hold that tensor.
+            self.weight = nn.Parameter(packed.codes(), requires_grad=False)
+        else:
+            placeholder = torch.zeros((), dtype=torch.int8, device=self.weight.device)
+            self.weight = nn.Parameter(placeholder.expand(self.out_features, self.in_features), requires_grad=False)
+        self.packed = packed
+        return KernelChoice(self.kernel, "; ".join(filter(None, (choice.reason, "" if forced else packed.reason))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.matmul(x, self.bias)
         if self.kernel == "dequantize":
             return F.linear(x, dequantize(self.weight, self.weight_scales, x.dtype), self.bias)
+        if x.dtype != torch.float16:
+            raise TypeError(f"the eetq kernel takes float16 activations, got {x.dtype}; load with dtype=torch.float16")
         rows = x.reshape(-1, self.in_features)
-        if self.kernel == "eetq":
-            if x.dtype != torch.float16:
-                raise TypeError(
-                    f"the eetq kernel takes float16 activations, got {x.dtype}; load with dtype=torch.float16"
-                )
-            out = eetq_kernels().w8_a16_gemm(rows.contiguous(), self.weight, self.weight_scales)
-        else:
-            if not rows.is_contiguous() or _misaligned(rows):
-                rows = rows.clone(memory_format=torch.contiguous_format)
-            # torch's kernel takes scales in the activation dtype; some CUDA builds return float32.
-            out = torch._weight_int8pack_mm(rows, self.weight, self.weight_scales.to(x.dtype)).to(x.dtype)
+        out = eetq_kernels().w8_a16_gemm(rows.contiguous(), self.weight, self.weight_scales)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
 
@@ -80,6 +90,8 @@ class EetqLinear(nn.Module):
         if self.kernel == "eetq":
             destination[prefix + "weight"] = rows_from_eetq_layout(self.weight.detach(), eetq_kernels())
             destination[prefix + "weight_layout"] = torch.tensor(ROWS, dtype=torch.uint8, device=self.weight.device)
+        elif self.packed is not None:
+            destination[prefix + "weight"] = self.packed.codes()
 
     def extra_repr(self) -> str:
         return (
@@ -88,10 +100,22 @@ class EetqLinear(nn.Module):
         )
 
 
-def _misaligned(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` starts off torch's allocation alignment. torch 2.13's CPU bfloat16 int8 kernel reads the
-    activations and the weight with aligned vector loads (32 and 16 bytes) and crashes on anything else."""
-    return tensor.data_ptr() % _ALIGNMENT != 0
+def dequantized(layer: EetqLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The plain ``weight`` (``[out, in]``, or ``[in, out]`` for a ``Conv1D``) and ``bias`` of ``layer``: its int8
+    rows times its float16 scales (:func:`~qcore_eetq.quantize.dequantize`), the rows read back from whichever
+    layout the kernel holds them in, as ``state_dict()`` reads them. New tensors in ``dtype``; the layer is unchanged.
+    """
+    if layer.kernel == "eetq":
+        rows = rows_from_eetq_layout(layer.weight.detach(), eetq_kernels())
+    elif layer.packed is not None:
+        rows = layer.packed.codes()
+    else:
+        rows = layer.weight.detach()
+    weight = dequantize(rows, layer.weight_scales.detach(), dtype)
+    tensors = {"weight": weight.t().contiguous() if layer.transposed_checkpoint else weight}
+    if layer.bias is not None:
+        tensors["bias"] = layer.bias.detach().to(dtype=dtype, copy=True)
+    return tensors
 
 
 def quantize_weight(
@@ -151,10 +175,11 @@ def restore(layer: EetqLinear, module_name: str, stored: dict[str, torch.Tensor]
     if unknown:
         raise refuse(unknown[0], f"unexpected EETQ tensor(s) {unknown}; expected weight, weight_scales, weight_layout")
     layout = stored["weight_layout"]
-    if layout.dtype != torch.uint8 or layout.numel() != 1 or int(layout) != ROWS:
+    if layout.dtype != torch.uint8 or layout.dim() != 0 or int(layout) != ROWS:
         raise refuse(
             "weight_layout",
-            f"weight layout {layout.tolist()} ({layout.dtype}) is not plain rows (uint8 {ROWS}), the only layout "
+            f"weight layout {layout.tolist()} ({layout.dtype}, shape {list(layout.shape)}) is not plain rows (a uint8 "
+            f"scalar {ROWS}), the only layout "
             f"qcore-eetq reads; the checkpoint was written by something else, or is corrupt",
         )
     expected = {

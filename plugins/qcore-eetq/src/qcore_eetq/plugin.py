@@ -3,7 +3,8 @@
     validate          log what runs here (eetq package or not, CUDA or not) and the kernel each device gets
     preprocess_model  each owned Linear/Conv1D -> an empty EetqLinear on meta
     load_weight       quantize the streamed weight on its device, or rebuild the saved int8 rows and scales
-    optimize_runtime  pick each module's kernel (eetq GEMM, torch._weight_int8pack_mm, dequantize) and report it
+    optimize_runtime  pick each module's kernel (eetq GEMM, else qcore.kernels' choice) and report it
+    dequantize_module int8 rows times scales back as the plain weight, for qcore.dequantize and qcore convert
 
 update_device_map and postprocess are not needed: every device can run some kernel, and nothing is deferred.
 
@@ -24,7 +25,14 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
-__all__ = ["register_backend", "validate", "preprocess_model", "load_weight", "optimize_runtime"]
+__all__ = [
+    "register_backend",
+    "validate",
+    "preprocess_model",
+    "load_weight",
+    "optimize_runtime",
+    "dequantize_module",
+]
 
 logger = logging.getLogger("qcore.eetq")
 
@@ -55,8 +63,11 @@ def kernel_notes() -> str:
     import importlib.util
 
     if importlib.util.find_spec("eetq") is not None:
-        return "kernel: eetq w8_a16_gemm on CUDA in float16; torch._weight_int8pack_mm elsewhere"
-    return "kernel: torch._weight_int8pack_mm (eetq package not installed); dequantize + matmul for CPU float16/float32"
+        return "kernel: eetq w8_a16_gemm on CUDA in float16; qcore.kernels int8 elsewhere"
+    return (
+        "kernel: qcore.kernels int8 (eetq package not installed): torch's int4 kernel on two 4-bit halves on CPU "
+        "bfloat16, torch._weight_int8pack_mm on CUDA, dequantize + matmul for CPU float16/float32"
+    )
 
 
 @qcore.hookimpl
@@ -65,11 +76,17 @@ def validate(config: EetqConfig, context: qcore.LoadContext) -> None:
 
     from qcore_eetq.environment import describe
 
-    # The device map may not be resolved yet: then describe every device the model could be placed on.
-    device_types = {context.device_for(prefix).type for prefix in context.device_map}
-    if not device_types:
-        device_types = {"cpu", "cuda"} if torch.cuda.is_available() else {"cpu"}
-    logger.info("eetq: %s", describe(device_types, context.dtype))
+    # context.device_map holds only the devices the caller named ({} for "auto" and the other strategies, resolved
+    # later): describe those, or every device the model could be placed on.
+    available = {"cpu", "cuda"} if torch.cuda.is_available() else {"cpu"}
+    named = {context.device_for(prefix).type for prefix in context.device_map}
+    unavailable = sorted(named - available)
+    if unavailable:
+        raise qcore.BackendUnavailable(
+            f"eetq: device_map {context.device_map} asks for {', '.join(unavailable)}, which torch cannot use here; "
+            f"place the model on {' or '.join(sorted(available))}"
+        )
+    logger.info("eetq: %s", describe(named or available, context.dtype))
 
 
 @qcore.hookimpl
@@ -117,7 +134,15 @@ def optimize_runtime(config: EetqConfig, context: qcore.LoadContext, model: PreT
         layer = model.get_submodule(name)
         if isinstance(layer, EetqLinear):
             choice = choose_kernel(layer.weight.device, context.dtype, layer.in_features, layer.out_features)
-            layer.use_kernel(choice)
-            choices.append(choice)
+            choices.append(layer.use_kernel(choice, context.dtype))
     if choices:
         context.report_kernel(summarize(choices))
+
+
+@qcore.hookimpl
+def dequantize_module(
+    config: EetqConfig, module_name: str, module: torch.nn.Module, dtype: torch.dtype
+) -> dict[str, torch.Tensor] | None:
+    from qcore_eetq.linear import EetqLinear, dequantized
+
+    return dequantized(module, dtype) if isinstance(module, EetqLinear) else None

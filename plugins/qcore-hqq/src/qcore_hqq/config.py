@@ -74,6 +74,12 @@ class HqqConfig(qcore.QuantConfig):
     optimize: bool = True
     #: Round zero points to integers; ``None`` is hqq's default (``True`` for 4-bit only).
     round_zero: bool | None = None
+    #: What a layer ``group_size`` does not fit (it does not divide the layer, or leaves a group count the packing
+    #: cannot take) gets. ``False``: the largest multiple of 8 below ``group_size`` that fits, or, when none does,
+    #: full precision; the load reports each such layer (``model.qcore_fallbacks``) and ``qcore estimate`` lists
+    #: them. ``True``: a ``ConfigError`` naming the layer. A qcore addition, used while quantizing and not saved: the
+    #: stored tensors record each layer's group size.
+    strict_group_size: bool = False
 
     def __post_init__(self) -> None:
         if self.axis is None:
@@ -129,6 +135,10 @@ class HqqConfig(qcore.QuantConfig):
                 _check_settings(settings, f"dynamic_config[{tag!r}].")
         else:
             _check_settings(self._settings(), "")
+        if not isinstance(self.strict_group_size, bool):
+            raise qcore.ConfigError(
+                f"hqq config: field 'strict_group_size' must be true or false, got {self.strict_group_size!r}"
+            )
         if not isinstance(self.modules_to_not_convert, (list, tuple)) or not all(
             isinstance(name, str) for name in self.modules_to_not_convert
         ):
@@ -136,13 +146,28 @@ class HqqConfig(qcore.QuantConfig):
                 f"hqq config: field 'skip_modules' must be a list of module names, got {self.modules_to_not_convert!r}"
             )
 
-    def quant_config_for(self, module_name: str) -> dict[str, Any] | None:
+    def quant_config_for(
+        self, module_name: str, out_features: int | None = None, in_features: int | None = None
+    ) -> dict[str, Any] | None:
         """The ``quant_config`` dict ``HQQLinear`` takes for this module, or ``None`` to keep it in full precision
-        (a module whose tag ``dynamic_config`` does not list)."""
-        if self.dynamic_config is None:
-            return _base_quant_config(self._settings())
-        settings = self.dynamic_config.get(linear_tag(module_name))
+        (a module whose tag ``dynamic_config`` does not list). Given the module's shape, with the group-size
+        fallback applied (see ``strict_group_size``): the group size that fits, or ``None`` for full precision."""
+        settings = self._settings_for(module_name)
+        if settings is None:
+            return None
+        if out_features is not None and in_features is not None:
+            settings = self._fitted(settings, module_name, out_features, in_features)
         return _base_quant_config(settings) if settings is not None else None
+
+    def shape_fallback(self, module_name: str, out_features: int, in_features: int) -> str | None:
+        settings = self._settings_for(module_name)
+        if settings is None or fit_problem(settings, out_features, in_features) is None:
+            return None
+        fitted = self._fitted(settings, module_name, out_features, in_features)
+        why = fit_problem(settings, out_features, in_features)
+        if fitted is None:
+            return f"kept in full precision ({why}, and no smaller group size fits)"
+        return f"group_size {fitted['group_size']} instead of {settings['group_size']} ({why})"
 
     def quantized_nbytes(self, out_features: int, in_features: int, dtype_nbytes: int) -> int:
         """Bytes of ``W_q`` (packed as hqq packs it) plus one scale and one zero per group in the compute dtype.
@@ -151,7 +176,15 @@ class HqqConfig(qcore.QuantConfig):
         bound for the memory guard).
         """
         settings = list(self.dynamic_config.values()) if self.dynamic_config is not None else [self._settings()]
-        return max(_module_nbytes(s, out_features, in_features, dtype_nbytes) for s in settings)
+        sizes = []
+        for entry in settings:
+            fitted = fitted_settings(entry, out_features, in_features)
+            sizes.append(
+                _module_nbytes(fitted, out_features, in_features, dtype_nbytes)
+                if fitted is not None
+                else out_features * in_features * dtype_nbytes
+            )
+        return max(sizes)
 
     def short_name(self) -> str:
         if self.dynamic_config is not None:
@@ -164,6 +197,23 @@ class HqqConfig(qcore.QuantConfig):
 
     def _settings(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _SETTING_DEFAULTS}
+
+    def _settings_for(self, module_name: str) -> dict[str, Any] | None:
+        if self.dynamic_config is None:
+            return self._settings()
+        return self.dynamic_config.get(linear_tag(module_name))
+
+    def _fitted(
+        self, settings: dict[str, Any], module_name: str, out_features: int, in_features: int
+    ) -> dict[str, Any] | None:
+        why = fit_problem(settings, out_features, in_features)
+        if why is not None and self.strict_group_size:
+            raise qcore.ConfigError(
+                f"hqq config: field {why} of module {module_name!r} ({out_features}x{in_features}), and "
+                f"strict_group_size is set; pick a group size that divides it, skip the module (skip_modules), or "
+                f"unset strict_group_size to take the largest group size that fits"
+            )
+        return fitted_settings(settings, out_features, in_features)
 
 
 # -- the nested form ---------------------------------------------------------------------------------------------
@@ -289,28 +339,45 @@ def resolved_group_size(settings: Mapping[str, Any], out_features: int, in_featu
     return in_features if settings["axis"] == 1 else out_features
 
 
-def check_module_shape(params: Mapping[str, Any], module_name: str, out_features: int, in_features: int) -> None:
-    """Raise :class:`qcore.ConfigError` when hqq cannot tile and pack this module's weight with ``params`` (the
-    ``weight_quant_params`` of :meth:`HqqConfig.quant_config_for`)."""
+def fit_problem(params: Mapping[str, Any], out_features: int, in_features: int) -> str | None:
+    """Why hqq cannot tile and pack a weight of this shape with ``params`` (settings, or the ``weight_quant_params``
+    of :meth:`HqqConfig.quant_config_for`), or ``None`` when it can."""
     group_size = resolved_group_size(params, out_features, in_features)
-    where = f"module {module_name!r} ({out_features}x{in_features})"
     if params["axis"] == 1 and in_features % group_size:
-        raise qcore.ConfigError(
-            f"hqq config: field 'group_size'={group_size} does not divide in_features={in_features} of {where}; "
-            f"pick a group size that divides it, or skip the module (skip_modules)"
-        )
+        return f"'group_size'={group_size} does not divide in_features={in_features}"
     if (out_features * in_features) % group_size:
-        raise qcore.ConfigError(
-            f"hqq config: field 'group_size'={group_size} does not divide the {out_features * in_features} weights "
-            f"of {where}; pick a group size that divides them, or skip the module (skip_modules)"
-        )
+        return f"'group_size'={group_size} does not divide the {out_features * in_features} weights"
     packed_rows = out_features * in_features // group_size if params["axis"] == 1 else group_size
     per_element, _ = _PACKING[params["nbits"]]
     if params["nbits"] != 3 and packed_rows % per_element:
+        return (
+            f"'group_size'={group_size} leaves {packed_rows} groups, and {params['nbits']}-bit packing needs a "
+            f"multiple of {per_element}"
+        )
+    return None
+
+
+def fitted_settings(settings: Mapping[str, Any], out_features: int, in_features: int) -> dict[str, Any] | None:
+    """``settings`` with the group-size fallback for this shape: unchanged when they fit, else with the largest
+    multiple of 8 below the group size that fits; ``None`` (keep the layer in full precision) when none does."""
+    if fit_problem(settings, out_features, in_features) is None:
+        return dict(settings)
+    start = resolved_group_size(settings, out_features, in_features)
+    for group_size in range(start - start % GROUP_SIZE_MULTIPLE, 0, -GROUP_SIZE_MULTIPLE):
+        candidate = {**settings, "group_size": group_size}
+        if group_size != start and fit_problem(candidate, out_features, in_features) is None:
+            return candidate
+    return None
+
+
+def check_module_shape(params: Mapping[str, Any], module_name: str, out_features: int, in_features: int) -> None:
+    """Raise :class:`qcore.ConfigError` when hqq cannot tile and pack this module's weight with ``params`` (the
+    ``weight_quant_params`` of :meth:`HqqConfig.quant_config_for`)."""
+    why = fit_problem(params, out_features, in_features)
+    if why is not None:
         raise qcore.ConfigError(
-            f"hqq config: field 'group_size'={group_size} leaves {packed_rows} groups in {where}, but "
-            f"{params['nbits']}-bit packing needs a multiple of {per_element}; use a smaller group_size or skip "
-            f"the module"
+            f"hqq config: field {why} of module {module_name!r} ({out_features}x{in_features}); pick "
+            f"a group size that fits it, or skip the module (skip_modules)"
         )
 
 

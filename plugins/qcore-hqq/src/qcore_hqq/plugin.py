@@ -3,9 +3,12 @@
     validate          hqq importable and recent enough
     update_device_map refuse HQQ layers offloaded to CPU/disk beside an accelerator
     preprocess_model  each owned Linear -> an empty HQQLinear on meta (layers.make_skeleton)
-    load_weight       quantize the streamed weight, or restore the saved HQQ tensors (layers)
+    load_weight       quantize the streamed weight, or restore the saved HQQ tensors (layers), decoded and
+                      checked by qcore first (stored), never by hqq's eval-based decoder
     postprocess       every skeleton filled; transformers' HQQ flags set
     optimize_runtime  pin the fastest hqq backend per layer (kernels)
+    dequantize_module the plain weight each HQQ layer computes with (layers.dequantized), for qcore.dequantize
+                      and qcore convert
 
 This module is the entry point (``qcore`` group, name ``hqq``): importing it imports neither torch nor hqq; the
 hooks import them when they run.
@@ -29,9 +32,9 @@ if TYPE_CHECKING:
 HQQ_REQUIREMENT = "hqq>=0.2.8"
 
 _PRESET_SUMMARIES = {
-    2: "2-bit HQQ, groups of 64: ~2.5 bits/weight; smallest, noticeably lossy; no calibration, LoRA-trainable",
+    2: "2-bit HQQ, groups of 64: ~2.5 bits/weight; smallest, noticeably lossy",
     3: "3-bit HQQ, groups of 64: ~3.7 bits/weight (3-bit packs 10 per int32); between 2- and 4-bit in size and quality",
-    4: "4-bit HQQ, groups of 64: ~4.5 bits/weight; the usual size/quality trade-off; no calibration, LoRA-trainable",
+    4: "4-bit HQQ, groups of 64: ~4.5 bits/weight; the usual size/quality trade-off",
     8: "8-bit HQQ, groups of 64: ~8.5 bits/weight; near full-precision quality at about half of bf16's size",
 }
 
@@ -48,6 +51,7 @@ def register_backend() -> qcore.Backend:
                 summary=summary,
                 trainable=True,
                 fast_on=("cuda",),
+                recommended=nbits == 4,
             )
             for nbits, summary in _PRESET_SUMMARIES.items()
         ),
@@ -105,7 +109,12 @@ def preprocess_model(config: HqqConfig, context: qcore.LoadContext, model: PreTr
                 continue
             quant_config = None
         else:
-            quant_config = config.quant_config_for(name)
+            module = model.get_submodule(name)
+            out_features, in_features = _shape(module)
+            fallback = config.shape_fallback(name, out_features, in_features)
+            if fallback is not None:
+                context.report_fallback(name, fallback)
+            quant_config = config.quant_config_for(name, out_features, in_features)
             if quant_config is None:
                 continue
         with torch.device("meta"):
@@ -134,7 +143,14 @@ def load_weight(
     if context.pre_quantized:
         stored = context.gather(module_name, tensor_name, tensor, exclude=())
         if stored is not None:
-            restore(layer, module_name, stored)
+            settings = config.quant_config_for(module_name, layer.out_features, layer.in_features)
+            restore(
+                layer,
+                module_name,
+                stored,
+                file=_file_of(context, f"{module_name}.{tensor_name}"),
+                expected=settings["weight_quant_params"] if settings is not None else None,
+            )
         return {}
     if tensor_name == "weight":
         quantize_weight(layer, tensor, context.dtype)
@@ -170,6 +186,29 @@ def optimize_runtime(config: HqqConfig, context: qcore.LoadContext, model: PreTr
     layers = [layer for name in context.modules if isinstance(layer := model.get_submodule(name), HQQLinear)]
     if layers:
         context.report_kernel(pin_backends(layers))
+
+
+@qcore.hookimpl
+def dequantize_module(
+    config: HqqConfig, module_name: str, module: torch.nn.Module, dtype: torch.dtype
+) -> dict[str, torch.Tensor] | None:
+    from hqq.core.quantize import HQQLinear
+
+    from qcore_hqq.layers import dequantized
+
+    return dequantized(module, dtype) if isinstance(module, HQQLinear) else None
+
+
+def _file_of(context: qcore.LoadContext, key: str) -> str:
+    """The checkpoint file holding tensor ``key`` (the directory when the key was renamed on the way in)."""
+    info = context.checkpoint.tensors.get(key)
+    return str(info.file if info is not None else context.source)
+
+
+def _shape(module: Any) -> tuple[int, int]:
+    """(out_features, in_features) of an ``nn.Linear`` or of transformers' ``Conv1D``, which stores (in, out)."""
+    rows, columns = module.weight.shape
+    return (columns, rows) if type(module).__name__ == "Conv1D" else (rows, columns)
 
 
 def _placement(device_map: dict[str, Any], module_name: str) -> str:

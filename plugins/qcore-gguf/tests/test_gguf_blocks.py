@@ -1,0 +1,76 @@
+"""The block table in torch against the gguf package's own numpy code, bit for bit, for every type qcore-gguf loads;
+the exact int4/int8 form of Q4_0/Q4_1/Q8_0; and the q/k un-permutation against llama.cpp's permutation."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf_files import HAND_MADE, hand_made_blocks, permute
+from qcore_gguf import blocks
+from qcore_gguf.config import GGML_TYPES, SUPPORTED_TYPES, WRITABLE_TYPES
+from qcore_gguf.reader import GgufReader
+
+
+def stored_rows(type_name: str, rows: int = 6, cols: int = 512) -> np.ndarray:
+    """Blocks of ``type_name``: written by gguf's quantizer where it has one, made by hand for the K-quants."""
+    rng = np.random.default_rng(7)
+    if type_name in HAND_MADE:
+        return hand_made_blocks(type_name, rows, cols, rng)
+    values = rng.standard_normal((rows, cols)).astype(np.float32)
+    return np.ascontiguousarray(gguf.quants.quantize(values, gguf.GGMLQuantizationType[type_name])).view(np.uint8)
+
+
+def test_type_table_is_gguf_own():
+    for qtype, (block, size) in gguf.GGML_QUANT_SIZES.items():
+        assert GGML_TYPES[int(qtype)] == (qtype.name, block, size)
+    assert set(WRITABLE_TYPES) <= set(SUPPORTED_TYPES)
+
+
+@pytest.mark.parametrize("type_name", SUPPORTED_TYPES)
+def test_dequantize_matches_gguf_bit_for_bit(type_name):
+    rows = stored_rows(type_name).reshape(6, -1)
+    qtype = gguf.GGMLQuantizationType[type_name]
+    view = {"F32": np.float32, "F16": np.float16}.get(type_name)
+    expected = gguf.quants.dequantize(rows.view(view) if view else rows, qtype).reshape(6, -1)
+    ours = blocks.dequantize(torch.from_numpy(rows), type_name)
+    assert ours.dtype == torch.float32 and ours.shape == (6, 512)
+    assert np.array_equal(ours.numpy(), expected)
+
+
+@pytest.mark.parametrize("type_name", HAND_MADE)
+def test_k_quants_read_from_a_file_match_gguf_reader(gguf_file, type_name):
+    """Blocks read through qcore-gguf's reader dequantize to what gguf's own GGUFReader + dequantize give."""
+    path = gguf_file("qwen2", type_name)
+    ours = GgufReader(path)
+    theirs = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    name = "model.layers.1.mlp.down_proj.weight"
+    stored = theirs[ours.stored[name][0]]
+    assert ours.tensors[name].dtype == type_name
+    expected = gguf.quants.dequantize(stored.data, stored.tensor_type)
+    assert np.array_equal(blocks.dequantize(ours.read(name), type_name).numpy(), expected)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_int_form_is_exact_and_reencodes_to_the_same_bytes(type_name):
+    rows = torch.from_numpy(stored_rows(type_name))
+    codes, scale, zero = blocks.int_form(rows, type_name)
+    assert torch.equal(blocks.from_int_form(codes, scale, zero, type_name), rows)
+    grouped = codes.double().reshape(6, -1, 32)
+    offset = 8 if type_name == "Q4_0" else 0 if zero is None else zero.double().unsqueeze(-1)
+    weight = ((grouped - offset) * scale.double().unsqueeze(-1)).reshape(6, -1)
+    # Q4_1's W = d * q + m rewritten as (q - zero) * d moves each weight by float rounding only.
+    assert (weight - blocks.dequantize(rows, type_name).double()).abs().max() <= 1e-6
+
+
+def test_q4_1_with_a_zero_scale_and_nonzero_minimum_has_no_int_form():
+    rows = torch.from_numpy(stored_rows("Q4_1")).clone()
+    rows[0, 0:2] = 0  # d = 0, m != 0: a constant block no (q - zero) * d can express
+    assert blocks.int_form(rows, "Q4_1") is None
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_unpermute_inverts_llama_cpp_permutation(heads):
+    rows = torch.arange(16 * 5 * heads).reshape(16 * heads, 5)
+    assert torch.equal(blocks.unpermute_rows(torch.from_numpy(permute(rows.numpy(), heads, heads)), heads), rows)

@@ -1,0 +1,234 @@
+"""Loading GGUF files of real architectures against transformers' own ``gguf_file=`` load of the same file, which
+dequantizes every tensor with the gguf package: logits, kernels, what stays quantized, save/reload, dequantize and
+convert, and how a file is found (a path, a directory, ``gguf_file=``, a hub id).
+
+The bounds. Types without a kernel (Q5_0, Q5_1, the K-quants, F32/F16/BF16) are dequantized with the same float32
+operations the gguf package uses, so their logits equal transformers' bit for bit. Q4_0/Q4_1/Q8_0 run through
+``qcore.kernels``, whose weight is ``(q - zero) * scale``: in float32 the logits are then within 1e-5 of the largest
+logit (Q4_1's ``d * q + m`` rewritten moves each weight by float rounding), and in bfloat16, where the int4 kernel
+runs with its scales rounded to bfloat16, within 2% of transformers' float32 load and no further from it than twice
+transformers' own bfloat16 load is.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import gguf
+import huggingface_hub
+import numpy as np
+import pytest
+import qcore
+import torch
+from gguf_files import hf_model
+from huggingface_hub import constants
+from qcore_gguf import blocks
+from qcore_gguf.config import SUPPORTED_TYPES
+from qcore_gguf.layers import GgufLinear
+from qcore_gguf.reader import GgufReader
+from torch import nn
+
+KERNEL_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+#: The architectures transformers' GGUF mapping loads (it cannot map Mistral: see test_mistral_...).
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gpt2")
+
+
+def relative(result: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((result - reference).abs().max() / reference.abs().max())
+
+
+def gguf_layers(model) -> list[GgufLinear]:
+    return [m for m in model.modules() if isinstance(m, GgufLinear)]
+
+
+def assert_matches(result: torch.Tensor, reference: torch.Tensor, type_name: str) -> None:
+    if type_name in KERNEL_TYPES:
+        assert relative(result, reference) <= 1e-5
+    else:
+        assert torch.equal(result, reference)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_config_is_the_one_transformers_makes(gguf_file, arch):
+    from transformers import AutoConfig
+
+    path = gguf_file(arch, "Q8_0")
+    ours = GgufReader(path).model_config().to_dict()
+    theirs = AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
+    assert ours.pop("quantization_config")["quant_method"] == "gguf"
+    assert ours.pop("architectures") == [{"gpt2": "GPT2LMHeadModel"}.get(arch, f"{type(hf_model(arch)).__name__}")]
+    theirs.pop("architectures", None)
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("type_name", SUPPORTED_TYPES)
+def test_every_block_type_matches_transformers(gguf_file, transformers_load, logits_of, type_name):
+    path = gguf_file("llama", type_name)
+    model = qcore.from_pretrained(path, dtype=torch.float32)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert_matches(logits_of(model), logits_of(transformers_load(path)), type_name)
+    layers = gguf_layers(model)
+    assert len(layers) == 2 * 7 + 1 and {layer.type_name for layer in layers} == {type_name}
+    assert all(layer.packed is not None for layer in layers) == (type_name in KERNEL_TYPES)
+
+
+@pytest.mark.parametrize("type_name", ["F16", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_architectures_match_transformers(gguf_file, transformers_load, logits_of, arch, type_name):
+    path = gguf_file(arch, type_name)
+    model = qcore.from_pretrained(path, dtype=torch.float32)
+    reference = transformers_load(path)
+    assert type(model) is type(reference)
+    assert_matches(logits_of(model), logits_of(reference), type_name)
+
+
+def test_mistral_which_transformers_cannot_map_loads_exactly(gguf_file, logits_of):
+    """llama.cpp converts Mistral as "llama" with general.name "mistral"; transformers then builds a Mistral config
+    but asks gguf for tensor names of a "mistral" architecture it does not define. qcore-gguf maps it as Llama."""
+    model = qcore.from_pretrained(gguf_file("mistral", "F32"), dtype=torch.float32)
+    assert type(model).__name__ == "MistralForCausalLM"
+    assert torch.equal(logits_of(model), logits_of(hf_model("mistral")))
+
+
+@pytest.mark.parametrize("type_name", KERNEL_TYPES)
+def test_kernels_in_bfloat16_stay_within_rounding(gguf_file, transformers_load, logits_of, type_name):
+    path = gguf_file("llama", type_name)
+    model = qcore.from_pretrained(path, dtype=torch.bfloat16)
+    assert "_weight_int4pack_mm_for_cpu" in model.qcore_kernels["qcore-gguf"]
+    assert model.model.layers[0].self_attn.q_proj.packed.kernel == "int4pack-cpu"
+    reference = logits_of(transformers_load(path))
+    own_rounding = relative(logits_of(transformers_load(path, torch.bfloat16)), reference)
+    error = relative(logits_of(model), reference)
+    assert error <= 0.02 and error <= 2 * own_rounding
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q4_K"])
+def test_linear_weights_stay_quantized_and_the_rest_is_dequantized(gguf_file, transformers_load, type_name):
+    path = gguf_file("llama", type_name)
+    model = qcore.from_pretrained(path, dtype=torch.float32)
+    reference = transformers_load(path)
+    for layer in gguf_layers(model):
+        held = layer.packed.nbytes if layer.packed is not None else layer.weight.numel()
+        file_bytes = blocks.row_bytes(type_name, layer.in_features) * layer.out_features
+        # Blocks are kept as stored; a kernel-layer weight adds its kernel copy of the scales (1.3x for Q4_1).
+        assert held == file_bytes if layer.packed is None else held <= 1.35 * file_bytes
+    embeddings = model.model.embed_tokens.weight
+    assert embeddings.dtype == torch.float32
+    assert torch.equal(embeddings, reference.model.embed_tokens.weight)
+    assert torch.equal(model.model.norm.weight, reference.model.norm.weight)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q4_K"])
+def test_save_keeps_the_blocks_and_reloads_without_the_gguf(gguf_file, logits_of, tmp_path, type_name):
+    from safetensors.torch import load_file
+
+    source = tmp_path / "source"
+    source.mkdir()
+    path = shutil.copy(gguf_file("llama", type_name), source / "model.gguf")
+    model = qcore.from_pretrained(path, dtype=torch.bfloat16)
+    expected = logits_of(model)
+    qcore.save_pretrained(model, tmp_path / "saved")
+    stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    del model
+    (source / "model.gguf").unlink()
+
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    down = saved["model.layers.1.mlp.down_proj.weight"]
+    assert down.dtype == torch.uint8 and saved["model.layers.1.mlp.down_proj.weight_type"] == blocks.ID[type_name]
+    assert np.array_equal(down.numpy(), stored["blk.1.ffn_down.weight"].data)
+    q_rows = torch.from_numpy(stored["blk.0.attn_q.weight"].data.copy())
+    assert torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], blocks.unpermute_rows(q_rows, 4))
+
+    reloaded = qcore.from_pretrained(tmp_path / "saved")
+    assert reloaded.dtype == torch.bfloat16
+    assert torch.equal(logits_of(reloaded), expected)
+
+
+def test_dequantize_gives_transformers_weights(gguf_file, transformers_load):
+    path = gguf_file("gpt2", "Q4_1")
+    model = qcore.from_pretrained(path, dtype=torch.float32)
+    reference = transformers_load(path)
+    dense = qcore.dequantize(model)
+    attention = dense.transformer.h[0].attn.c_attn
+    assert type(attention).__name__ == "Conv1D" and not gguf_layers(dense)
+    assert torch.equal(attention.weight, reference.transformer.h[0].attn.c_attn.weight)
+    assert torch.equal(attention.bias, reference.transformer.h[0].attn.c_attn.bias)
+
+
+def test_convert_to_another_method_is_that_method_on_the_gguf_values(gguf_file, transformers_load, logits_of, tmp_path):
+    from qcore.convert import convert
+
+    nf4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    path = gguf_file("llama", "Q8_0")
+    converted = convert(path, tmp_path / "nf4", nf4)
+    reloaded = qcore.from_pretrained(tmp_path / "nf4")
+    assert reloaded.quantization_method == "bitsandbytes"
+    assert torch.equal(logits_of(reloaded), logits_of(converted))
+    # The same as quantizing transformers' dequantized load of the file to nf4 directly. (transformers refuses to
+    # save a model it loaded from GGUF, so its tensors and config are written here.)
+    from safetensors.torch import save_file
+
+    reference = transformers_load(path)
+    (tmp_path / "dense").mkdir()
+    tied = set(reference.all_tied_weights_keys or {})
+    state = {k: v.contiguous() for k, v in reference.state_dict().items() if k not in tied}
+    save_file(state, tmp_path / "dense" / "model.safetensors", metadata={"format": "pt"})
+    if hasattr(reference.config, "quantization_config"):
+        del reference.config.quantization_config
+    reference.config.architectures = [type(reference).__name__]
+    reference.config.save_pretrained(tmp_path / "dense")
+    direct = qcore.from_pretrained(tmp_path / "dense", nf4, dtype=torch.float32)
+    assert torch.equal(logits_of(reloaded), logits_of(direct))
+
+
+def test_directory_with_one_file_several_files_and_gguf_file(gguf_file, logits_of, tmp_path):
+    shutil.copy(gguf_file("llama", "Q4_K"), tmp_path / "a.gguf")
+    expected = logits_of(qcore.from_pretrained(tmp_path, dtype=torch.float32))
+    shutil.copy(gguf_file("qwen2", "Q8_0"), tmp_path / "b.gguf")
+    with pytest.raises(qcore.CheckpointError, match="gguf_file"):
+        qcore.from_pretrained(tmp_path)
+    assert torch.equal(logits_of(qcore.from_pretrained(tmp_path, gguf_file="a.gguf", dtype=torch.float32)), expected)
+    assert type(qcore.from_pretrained(tmp_path, gguf_file="b.gguf")).__name__ == "Qwen2ForCausalLM"
+
+
+def test_hub_id_downloads_only_the_named_file(gguf_file, logits_of, tmp_path, monkeypatch):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "models--tiny-org--tiny-gguf" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    shutil.copy(gguf_file("llama", "Q4_K"), snapshot / "tiny-Q4_K.gguf")
+    shutil.copy(gguf_file("llama", "Q8_0"), snapshot / "tiny-Q8_0.gguf")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fetched = []
+    real = huggingface_hub.hf_hub_download
+    monkeypatch.setattr(
+        huggingface_hub, "hf_hub_download", lambda repo, name, **k: fetched.append(name) or real(repo, name, **k)
+    )
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("fetched the whole repo"))
+
+    model = qcore.from_pretrained("tiny-org/tiny-gguf", gguf_file="tiny-Q4_K.gguf", dtype=torch.float32)
+    assert fetched == ["tiny-Q4_K.gguf"]
+    assert torch.equal(
+        logits_of(model), logits_of(qcore.from_pretrained(snapshot / "tiny-Q4_K.gguf", dtype=torch.float32))
+    )
+
+
+def test_generates_with_the_tokenizer_the_file_carries(gguf_file):
+    from transformers import AutoTokenizer
+
+    path = gguf_file("qwen2", "Q4_0")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = qcore.from_pretrained(path)
+    ids = tokenizer("the cat", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 4)
+    assert isinstance(tokenizer.decode(out[0]), str)
+
+
+def test_plain_modules_are_not_gguf_layers(gguf_file):
+    model = qcore.from_pretrained(gguf_file("gemma2", "Q4_0"))
+    assert isinstance(model.model.embed_tokens, nn.Embedding)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied, as in the file
