@@ -88,7 +88,7 @@ class CompressedTensorsConfig(QuantConfig):
     transform_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     version: str | None = None
     calibration: str | None = None
-    strict_group_size: bool = False
+    strict_group_size: bool = dataclasses.field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         # Completed here, so a config built in code, parsed from a preset or read from a checkpoint is the same object.

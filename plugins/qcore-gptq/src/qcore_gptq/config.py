@@ -73,7 +73,7 @@ class GptqConfig(qcore.QuantConfig):
     #: by ``qcore estimate``; the saved config names it in ``modules_to_not_convert``, since a GPTQ checkpoint has one
     #: group size for every layer and vLLM and exllama refuse a shorter last group. ``True``: a ``ConfigError``
     #: naming the module. A qcore addition, used while quantizing and not saved.
-    strict_group_size: bool = False
+    strict_group_size: bool = dataclasses.field(default=False, compare=False)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | qcore.QuantConfig) -> qcore.QuantConfig:
@@ -81,14 +81,18 @@ class GptqConfig(qcore.QuantConfig):
             return super().from_dict(data)
         flat = dict(data)
         _refuse_unsupported(flat)
+        for key in ("format", "checkpoint_format"):
+            if flat.get(key) is not None and not isinstance(flat[key], str):
+                raise qcore.ConfigError(
+                    f"gptq config: field {key!r} must be one of {list(GPTQ_FORMATS)}, got {flat[key]!r}"
+                )
         spelled = {flat.get(key) for key in ("format", "checkpoint_format")} - {None}
         if len(spelled) > 1:
             raise qcore.ConfigError(
                 f"gptq config: 'format' and 'checkpoint_format' disagree ({sorted(map(str, spelled))}); keep one"
             )
         if spelled:
-            value = spelled.pop()
-            flat["checkpoint_format"] = value.lower() if isinstance(value, str) else value
+            flat["checkpoint_format"] = spelled.pop().lower()
         return super().from_dict(flat)
 
     def check(self) -> None:

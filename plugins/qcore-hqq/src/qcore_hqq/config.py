@@ -79,7 +79,7 @@ class HqqConfig(qcore.QuantConfig):
     #: full precision; the load reports each such layer (``model.qcore_fallbacks``) and ``qcore estimate`` lists
     #: them. ``True``: a ``ConfigError`` naming the layer. A qcore addition, used while quantizing and not saved: the
     #: stored tensors record each layer's group size.
-    strict_group_size: bool = False
+    strict_group_size: bool = dataclasses.field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.axis is None:
