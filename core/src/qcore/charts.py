@@ -28,7 +28,7 @@ DPI = 100
 
 @dataclasses.dataclass(frozen=True)
 class HeatMap:
-    """The numbers a chart shows: ``log10`` of each layer's relative error under each preset."""
+    """The numbers a chart shows: ``log10`` of each layer's error under each preset."""
 
     layers: list[str]
     presets: list[str]
@@ -37,6 +37,8 @@ class HeatMap:
     #: ``chosen[i]``: the preset the automatic recipe picked for ``layers[i]`` (``None``: full precision), or
     #: ``None`` for the whole list when no recipe was chosen.
     chosen: list[str | None] | None
+    #: What the values measure, for the title.
+    measure: str = "predicted loss increase"
 
     @property
     def size_pixels(self) -> tuple[int, int]:
@@ -51,7 +53,8 @@ def heat_map(measured: LayerSensitivity, chosen: AutoRecipe | None = None) -> He
     presets = list(measured.configs)
     values = [[math.log10(max(measured.errors[layer][name], 1e-30)) for name in presets] for layer in layers]
     picks = [chosen.choice.get(layer) for layer in layers] if chosen is not None else None
-    return HeatMap(layers, presets, values, picks)
+    measure = {"loss": "predicted loss increase", "relative": "relative output error"}[measured.objective]
+    return HeatMap(layers, presets, values, picks, measure)
 
 
 def figure(data: HeatMap):
@@ -77,7 +80,7 @@ def figure(data: HeatMap):
     axes.set_yticks(range(len(data.layers)), labels, fontsize=7)
     for row in full:
         axes.get_yticklabels()[row].set_color("tab:blue")
-    axes.set_title("relative output error per layer (log10; darker is worse)")
+    axes.set_title(f"{data.measure} per layer (log10; darker is worse)")
     chart.colorbar(image, ax=axes, label="log10 error")
     if data.chosen is not None:
         for row, name in enumerate(data.chosen):
@@ -122,7 +125,7 @@ def save_html(data: HeatMap, path: str | Path, *, title: str = "qcore sensitivit
     page = (
         f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}th{text-align:left}</style>"
-        f"<h1>{html.escape(title)}</h1><p>log10 of each layer's relative output error; outlined: the automatic "
+        f"<h1>{html.escape(title)}</h1><p>log10 of each layer's {html.escape(data.measure)}; outlined: the automatic "
         f"recipe's choice.</p><table><tr><th>layer</th>{header}<th>chosen</th></tr>{''.join(rows)}</table>"
     )
     Path(path).write_text(page, encoding="utf-8")

@@ -1,10 +1,22 @@
 """Per-layer sensitivity of a model to each candidate preset, and the automatic recipe under a memory budget.
 
 Both use only the public loader: each candidate is loaded once with :func:`qcore.from_pretrained`; every quantized
-Linear is then fed the inputs its full-precision counterpart saw on the same batch, and its output error measured
-in isolation. The automatic recipe picks, per layer, a candidate (or full precision) that minimises the summed error
-while the whole model fits the budget: a multiple-choice knapsack solved exactly by dynamic programming over
-bytes rounded up to a fine grid, so the chosen recipe never exceeds the budget.
+Linear is then fed the inputs its full-precision counterpart saw on the same batch, and its output error ``dy``
+measured in isolation. Two measures of that error:
+
+* ``"loss"`` (the default): the predicted increase of the model's mean next-token loss when that layer alone is
+  quantized, ``1/2 * N * sum(g**2 * dy**2)``, with ``g`` the gradient of the mean loss (over ``N`` predicted tokens)
+  with respect to the layer's output, taken by one backward pass of the full-precision model on the batch: the
+  diagonal second-order (empirical Fisher) approximation used by mixed-precision methods since Optimal Brain Damage.
+  It weights each output element by how much the model's prediction depends on it, so errors in layers whose
+  output barely reaches the logits count for little, and it is in nats per token: the sum over layers predicts the
+  log-perplexity the recipe adds.
+* ``"relative"``: ``||dy||^2 / ||y||^2``, scale-free and blind to where the layer sits; on a real model its sum does
+  not predict perplexity (see the quality benchmark), kept for comparison and for models without a language head.
+
+The automatic recipe picks, per layer, a candidate (or full precision) that minimises the summed error while the
+whole model fits the budget: a multiple-choice knapsack solved exactly by dynamic programming over bytes rounded
+up to a fine grid, so the chosen recipe never exceeds the budget.
 """
 
 from __future__ import annotations
@@ -21,7 +33,13 @@ from qcore.errors import ConfigError
 from qcore.recipe import Recipe
 from qcore.sizes import format_nbytes
 
-__all__ = ["LayerSensitivity", "measure_sensitivity", "auto_recipe", "AutoRecipe", "synthetic_batch", "text_batch"]
+__all__ = [
+    "LayerSensitivity", "measure_sensitivity", "auto_recipe", "AutoRecipe", "synthetic_batch", "text_batch",
+    "OBJECTIVES",
+]  # fmt: skip
+
+#: The measures of a layer's error :func:`measure_sensitivity` knows, the default first.
+OBJECTIVES = ("loss", "relative")
 
 #: Steps of the byte grid the knapsack runs on; finer is more exact and slower (layers x candidates x steps).
 _GRID = 4096
@@ -31,7 +49,7 @@ _GRID = 4096
 class LayerSensitivity:
     """The error and size of every candidate on every quantizable layer (``None`` = full precision)."""
 
-    #: Layer -> candidate name -> relative output error ``||y_q - y||^2 / ||y||^2`` on the batch.
+    #: Layer -> candidate name -> the layer's error on the batch, measured as :attr:`objective` says.
     errors: dict[str, dict[str, float]]
     #: Layer -> candidate name (or ``"full"``) -> bytes of the layer's weight.
     nbytes: dict[str, dict[str, int]]
@@ -39,6 +57,9 @@ class LayerSensitivity:
     configs: dict[str, dict[str, Any]]
     #: Bytes of everything that stays in full precision whatever is chosen (embeddings, norms, biases, buffers).
     fixed_nbytes: int
+    #: ``"loss"``: predicted increase of the mean next-token loss (nats per token); ``"relative"``:
+    #: ``||y_q - y||^2 / ||y||^2`` (see the module docstring).
+    objective: str = "loss"
 
     def total_nbytes(self, choice: Mapping[str, str | None]) -> int:
         return self.fixed_nbytes + sum(self.nbytes[layer][choice.get(layer) or "full"] for layer in self.nbytes)
@@ -78,18 +99,23 @@ def measure_sensitivity(
     *,
     input_ids: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    objective: str = "loss",
 ) -> LayerSensitivity:
     """Measure each candidate config's error on each quantizable layer of the checkpoint at ``src``.
 
     :param candidates: name -> config dict (presets' configs, say).
     :param input_ids: the batch to measure on (:func:`text_batch` makes one from real text); by default
         :func:`synthetic_batch`, for a model without a tokenizer.
+    :param objective: one of :data:`OBJECTIVES` (see the module docstring); ``"loss"`` needs a model with a
+        language-model head and sequences of at least two tokens.
     """
     import qcore
     from qcore.loading import _candidates, estimate_nbytes, plan
 
     if not candidates:
         raise ConfigError("give at least one candidate preset or config")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"unknown sensitivity objective {objective!r}; choose one of {list(OBJECTIVES)}")
     reference = qcore.from_pretrained(src, dtype=dtype)
     ids = input_ids if input_ids is not None else synthetic_batch(reference.config.vocab_size)
     tied = {
@@ -98,7 +124,8 @@ def measure_sensitivity(
         for key in pair
     }
     layers = [layer for layer in _candidates(reference) if layer not in tied]  # a tied weight must stay shared
-    inputs, outputs = _capture(reference, layers, ids)
+    inputs, outputs, weights = _capture(reference, layers, ids, objective)
+    del reference
     skeleton = plan(src, dtype=dtype)
     element = torch.tensor([], dtype=skeleton.dtype).element_size()
     full = estimate_nbytes(skeleton.model, {}, skeleton.dtype)
@@ -120,31 +147,66 @@ def measure_sensitivity(
                 bias.numel() * element if bias is not None else 0
             )
             with torch.no_grad():
-                result = modules[layer](inputs[layer]).float()
-            expected = outputs[layer]
-            errors[layer][name] = float((result - expected).pow(2).sum() / expected.pow(2).sum().clamp_min(1e-30))
+                squared = (modules[layer](inputs[layer]).float() - outputs[layer]).pow(2)
+            if objective == "loss":
+                errors[layer][name] = float((weights[layer] * squared).sum())
+            else:
+                errors[layer][name] = float(squared.sum() / outputs[layer].pow(2).sum().clamp_min(1e-30))
         del quantized
     fixed = skeleton.nbytes() - sum(nbytes[layer]["full"] for layer in layers)
-    return LayerSensitivity(errors, nbytes, configs, fixed)
+    return LayerSensitivity(errors, nbytes, configs, fixed, objective)
 
 
-def _capture(model: nn.Module, layers: Sequence[str], input_ids: torch.Tensor):
-    inputs, outputs = {}, {}
-    handles = []
-    for layer in layers:
+def _capture(model: nn.Module, layers: Sequence[str], input_ids: torch.Tensor, objective: str):
+    """Each layer's input and float32 output on ``input_ids``; for the ``"loss"`` objective also the weight of each
+    output element, ``N / 2 * g**2`` with ``g`` the gradient of the mean next-token loss (one backward pass)."""
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor] = {}
+    with_loss = objective == "loss"
+    if with_loss and input_ids.shape[-1] < 2:
+        raise ConfigError("the loss objective needs sequences of at least two tokens")
+    predicted = input_ids[..., 1:].numel()
 
-        def hook(module, args, output, layer=layer):
+    def keep(layer: str):
+        def weigh(grad: torch.Tensor) -> None:
+            # The summed loss's gradient is N times the mean's: N/2 * (g_sum / N)**2 = g_sum**2 / (2 N).
+            weights[layer] = grad.detach().float().pow(2) / (2 * predicted)
+
+        def hook(module, args, output):
             inputs[layer] = args[0].detach()
             outputs[layer] = output.detach().float()
+            if output.requires_grad:
+                output.register_hook(weigh)
 
-        handles.append(model.get_submodule(layer).register_forward_hook(hook))
+        return hook
+
+    handles = [model.get_submodule(layer).register_forward_hook(keep(layer)) for layer in layers]
+    if with_loss:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)  # gradients of the activations only; no weight gradients are kept
+        embeddings = model.get_input_embeddings()
+        handles.append(embeddings.register_forward_hook(lambda module, args, output: output.requires_grad_()))
     try:
-        with torch.no_grad():
-            model(input_ids)
+        if with_loss:
+            with torch.enable_grad():
+                logits = model(input_ids).logits
+                loss = nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum"
+                )
+                del logits
+                loss.backward()
+        else:
+            with torch.no_grad():
+                model(input_ids)
     finally:
         for handle in handles:
             handle.remove()
-    return inputs, outputs
+    if with_loss:
+        missing = [layer for layer in layers if layer not in weights]
+        if missing:
+            raise ConfigError(f"the loss does not depend on {missing[:3]}; measure with objective='relative'")
+    return inputs, outputs, weights
 
 
 @dataclasses.dataclass(frozen=True)

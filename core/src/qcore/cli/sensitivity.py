@@ -42,6 +42,11 @@ __all__ = ["sensitivity"]
     "--inputs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="JSON file with a list of token-id lists to measure on, instead of text.",
 )  # fmt: skip
+@click.option(
+    "--objective", type=click.Choice(["loss", "relative"]), default="loss", show_default=True,
+    help="loss: each layer's predicted increase of the next-token loss (gradient-weighted output error); "
+    "relative: its output error relative to its output, blind to where the layer sits.",
+)  # fmt: skip
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Sequences measured on.")
 @click.option("--length", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per sequence.")
 @click.option(
@@ -56,15 +61,16 @@ __all__ = ["sensitivity"]
 @json_option
 def sensitivity(
     source: str, preset_names: tuple[str, ...], budget: int | None, save_recipe: Path | None,
-    text_files: tuple[Path, ...], synthetic: bool, inputs: Path | None, batch: int, length: int,
+    text_files: tuple[Path, ...], synthetic: bool, inputs: Path | None, objective: str, batch: int, length: int,
     eval_text: Path | None, eval_tokens: int, plot: Path | None, html: Path | None, dtype: str, as_json: bool,
 ) -> None:  # fmt: skip
     """Measure each candidate preset's output error on every layer of the model at PATH_OR_HUB_ID.
 
-    Each layer is fed the inputs its full-precision version saw on real text and its relative output error is
-    measured in isolation. With --budget, also choose the per-layer mix of presets (or full precision) with the
-    least total error that fits the budget, and score that recipe's perplexity next to full precision and the best
-    single preset that fits.
+    Each layer is fed the inputs its full-precision version saw on real text and its output error is measured in
+    isolation, weighted by how much the next-token loss depends on each output (the predicted loss increase, in
+    nats per token; --objective relative for the unweighted relative error). With --budget, also choose the
+    per-layer mix of presets (or full precision) with the least total error that fits the budget, and score that
+    recipe's perplexity next to full precision and the best single preset that fits.
     """
     import torch
 
@@ -86,7 +92,7 @@ def sensitivity(
     else:
         input_ids, measured_on, tokenizer = _text_batch(source, text_files, batch, length)
     stderr().print(f"measuring {len(names)} preset(s) on {escape(source)}, on {escape(measured_on)} ...")
-    measured = measure_sensitivity(source, candidates, input_ids=input_ids, dtype=torch_dtype)
+    measured = measure_sensitivity(source, candidates, input_ids=input_ids, dtype=torch_dtype, objective=objective)
     chosen = auto_recipe(measured, budget) if budget is not None else None
     if save_recipe is not None and chosen is not None:
         save_recipe.write_text(json.dumps(chosen.recipe.to_dict(), indent=2) + "\n")
@@ -103,8 +109,8 @@ def sensitivity(
         scores = _end_to_end(source, measured, chosen, names, budget, tokenizer, eval_text, eval_tokens, torch_dtype)
 
     if as_json:
-        data = {"measured_on": measured_on, "errors": measured.errors, "nbytes": measured.nbytes,
-                "fixed_nbytes": measured.fixed_nbytes}  # fmt: skip
+        data = {"measured_on": measured_on, "objective": measured.objective, "errors": measured.errors,
+                "nbytes": measured.nbytes, "fixed_nbytes": measured.fixed_nbytes}  # fmt: skip
         if chosen is not None:
             data["auto_recipe"] = {
                 "choice": chosen.choice, "predicted_nbytes": chosen.predicted_nbytes,
@@ -119,7 +125,7 @@ def sensitivity(
         best_single = _best_single(measured, names, budget)
         console.print(
             f"auto recipe: {format_bytes(chosen.predicted_nbytes)} of {format_bytes(chosen.budget)} budget, "
-            f"total error {chosen.predicted_error:.3e}"
+            f"total {_ERROR_NAMES[measured.objective]} {chosen.predicted_error:.3e}"
             + (f" (best single preset that fits: {best_single[0]}, {best_single[1]:.3e})" if best_single else "")
         )
         if scores:
@@ -178,10 +184,14 @@ def _end_to_end(source, measured, chosen, names, budget, tokenizer, eval_text, e
     return scores
 
 
+#: What a table or chart calls a measured error, by objective.
+_ERROR_NAMES = {"loss": "predicted loss increase (nats/token)", "relative": "relative output error"}
+
+
 def _print_table(source, names, measured, chosen) -> None:
     from rich.table import Table
 
-    table = Table(title=escape(f"relative output error per layer of {source}"))
+    table = Table(title=escape(f"{_ERROR_NAMES[measured.objective]} per layer of {source}"))
     table.add_column("layer")
     for name in names:
         table.add_column(escape(name), justify="right")
