@@ -57,7 +57,12 @@ def checkpoint(size: str) -> Path:
 
 
 def measure(
-    preset: str, path: str, new_tokens: int, prefill_batch: int, prefill_tokens: int, threads: int | None,
+    preset: str,
+    path: str,
+    new_tokens: int,
+    prefill_batch: int,
+    prefill_tokens: int,
+    threads: int | None,
     rounds: int = 3,
 ) -> dict:
     """One preset in this process: load it and the bf16 model, then ``rounds`` alternating rounds of (bf16, preset):
@@ -193,7 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.measure:
         result = measure(
-            args.measure, args.path, args.new_tokens, args.prefill_batch, args.prefill_tokens, args.threads,
+            args.measure,
+            args.path,
+            args.new_tokens,
+            args.prefill_batch,
+            args.prefill_tokens,
+            args.threads,
             args.rounds,
         )
         print(json.dumps(result))

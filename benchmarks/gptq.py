@@ -15,6 +15,11 @@ its peak RSS is its own:
 
     python benchmarks/gptq.py --sequences 32 --tokens 512 --eval-tokens 4096 --json benchmarks/results/gptq.json
 
+``--model large`` runs the ``quantize`` step alone on the 0.85B synthetic Llama (``checkpoints.py``; random weights,
+so no perplexity: it measures time and memory against the bound, with random token ids as calibration data):
+
+    python benchmarks/gptq.py --model large --sequences 4 --tokens 128 --json benchmarks/results/gptq-large.json
+
 Prints one JSON object (and writes it to ``--json``).
 """
 
@@ -83,15 +88,30 @@ def _calibration(tokenizer, sequences: int, tokens: int):
     return ids[: sequences * tokens].reshape(sequences, tokens)
 
 
+def _source(args):
+    if args.model == "large":
+        from checkpoints import build, checkpoint_dir, is_complete
+
+        directory = checkpoint_dir("large")
+        if not is_complete(directory):
+            build("large", directory)
+        return directory
+    return real_model.checkpoint("bfloat16")
+
+
 def quantize(args) -> dict:
     import qcore
     import torch
     import transformers  # noqa: F401  (imported before the baseline, as the load needs it)
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    source = real_model.checkpoint("bfloat16")
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    calibration = _calibration(tokenizer, args.sequences, args.tokens)
+    source = _source(args)
+    if args.model == "large":
+        vocab = AutoConfig.from_pretrained(source).vocab_size
+        generator = torch.Generator().manual_seed(0)
+        calibration = torch.randint(0, vocab, (args.sequences, args.tokens), generator=generator)
+    else:
+        calibration = _calibration(AutoTokenizer.from_pretrained(source), args.sequences, args.tokens)
     # A tiny model through the same path first, so the baseline includes every module the load imports.
     from qcore.testing import build
 
@@ -118,8 +138,10 @@ def quantize(args) -> dict:
     )
     quantized = _nbytes(model)
     del full
-    qcore.save_pretrained(model, OUT, overwrite=True)
+    if args.model != "large":
+        qcore.save_pretrained(model, OUT, overwrite=True)
     return {
+        "model": str(args.model),
         "quantize_seconds": round(seconds, 1),
         "calibration": f"{args.sequences} x {args.tokens} tokens",
         "peak_rss_over_baseline_mib": round((peak - baseline) / 2**20, 1),
@@ -130,6 +152,7 @@ def quantize(args) -> dict:
         "one_block_fp_mib": round(block / 2**20, 1),
         "activations_mib": round((activations + temporaries) / 2**20, 1),
         "full_precision_model_mib": round(_nbytes(qcore.from_pretrained(source, dtype=torch.bfloat16)) / 2**20, 1),
+        "blocks": model.config.num_hidden_layers,
     }
 
 
@@ -183,6 +206,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see benchmarks/README.md)")
+    parser.add_argument("--model", choices=("smollm2", "large"), default="smollm2")
     parser.add_argument("--step", choices=("quantize", "evaluate"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -193,7 +217,7 @@ def main() -> None:
         print(json.dumps((quantize if args.step == "quantize" else evaluate)(args)))
         return
     result = {}
-    for step in ("quantize", "evaluate"):
+    for step in ("quantize",) if args.model == "large" else ("quantize", "evaluate"):
         command = [sys.executable, __file__, "--step", step, *sys.argv[1:]]
         lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()
         result.update(json.loads(lines[-1]))

@@ -16,7 +16,11 @@ Steps, each in a fresh process with one torch thread:
   of 64, symmetric, no act-order, damping 0.1, no group-aware reordering), then ``save``;
 * ``transformers`` (gptqmodel's venv): ``AutoModelForCausalLM.from_pretrained`` of gptqmodel's checkpoint (the
   transformers + gptqmodel path a CPU user has today): load time, peak RSS, perplexity, decode;
-* ``qcore`` (this venv): ``qcore.from_pretrained`` of gptqmodel's checkpoint and of qcore-gptq's: the same figures.
+* ``qcore-gptqmodel`` and ``qcore-own`` (this venv): ``qcore.from_pretrained`` of gptqmodel's checkpoint and of
+  qcore-gptq's: the same figures.
+
+Every load step imports the model code and its quantization libraries before taking its baseline, so the load
+time and peak are the load's own.
 
 Perplexity: sliding window on the held-out part of qcore's corpus (``qcore.evaluate.perplexity``), which neither
 calibration sees.
@@ -103,18 +107,25 @@ def _score(model, label: str, args) -> dict:
     return result
 
 
-def load_transformers(args) -> dict:
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM
+def _import_before_baseline() -> None:
+    """Import what a load pulls in (the model code, the quantization libraries), so load time and peak RSS are the
+    load's own on both sides, not the first import's."""
+    import transformers.models.llama.modeling_llama  # noqa: F401
 
+    try:
+        import gptqmodel  # noqa: F401
+        import optimum  # noqa: F401
+    except ImportError:  # qcore's side
+        import qcore_gptq.layers  # noqa: F401
+
+
+def _load(label: str, load, args) -> dict:
+    _import_before_baseline()
     baseline = _peak_rss_mib()
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(GPTQMODEL_OUT, dtype=torch.bfloat16, device_map="cpu")
+    model = load()
     seconds = time.perf_counter() - started
-    label = "transformers+gptqmodel (gptqmodel's checkpoint)"
     result = {
-        "transformers_version": transformers.__version__,
         f"load seconds {label}": round(seconds, 2),
         f"load peak RSS over baseline MiB {label}": round(_peak_rss_mib() - baseline, 1),
     }
@@ -122,30 +133,40 @@ def load_transformers(args) -> dict:
     return result
 
 
-def load_qcore(args) -> dict:
-    import qcore
+def load_transformers(args) -> dict:
     import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
 
-    result = {}
-    for label, path in (("qcore (gptqmodel's checkpoint)", GPTQMODEL_OUT), ("qcore (qcore-gptq's checkpoint)", QCORE_OUT)):
-        if not path.exists():
-            result[f"{label}"] = "missing: run benchmarks/gptq.py first"
-            continue
-        baseline = _peak_rss_mib()
-        started = time.perf_counter()
-        model = qcore.from_pretrained(path, dtype=torch.bfloat16)
-        result[f"load seconds {label}"] = round(time.perf_counter() - started, 2)
-        # ru_maxrss never falls, so only the first load's peak is its own.
-        if not result.get("_peaked"):
-            result[f"load peak RSS over baseline MiB {label}"] = round(_peak_rss_mib() - baseline, 1)
-            result["_peaked"] = True
-        result.update(_score(model, label, args))
-        del model
-    result.pop("_peaked", None)
+    def load():
+        return AutoModelForCausalLM.from_pretrained(GPTQMODEL_OUT, dtype=torch.bfloat16, device_map="cpu")
+
+    result = {"transformers_version": transformers.__version__}
+    result.update(_load("transformers+gptqmodel (gptqmodel's checkpoint)", load, args))
     return result
 
 
-STEPS = {"quantize": quantize, "transformers": load_transformers, "qcore": load_qcore}
+def _load_qcore(label: str, path: Path, args) -> dict:
+    import qcore
+    import torch
+
+    return _load(label, lambda: qcore.from_pretrained(path, dtype=torch.bfloat16), args)
+
+
+def load_qcore_gptqmodel(args) -> dict:
+    return _load_qcore("qcore (gptqmodel's checkpoint)", GPTQMODEL_OUT, args)
+
+
+def load_qcore_own(args) -> dict:
+    if not QCORE_OUT.exists():
+        return {"qcore (qcore-gptq's checkpoint)": "missing: run benchmarks/gptq.py first"}
+    return _load_qcore("qcore (qcore-gptq's checkpoint)", QCORE_OUT, args)
+
+
+STEPS = {
+    "quantize": quantize, "transformers": load_transformers, "qcore-gptqmodel": load_qcore_gptqmodel,
+    "qcore-own": load_qcore_own,
+}  # fmt: skip
 
 
 def main() -> None:
@@ -168,9 +189,12 @@ def main() -> None:
     if not args.gptqmodel_python:
         parser.error("--gptqmodel-python is required")
     passed = [a for a in sys.argv[1:] if a != "--skip-quantize"]
-    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = {}
-    steps = [("transformers", args.gptqmodel_python), ("qcore", sys.executable)]
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "CUDA_VISIBLE_DEVICES": ""}
+    # A rerun that skips quantizing keeps the quantize step's figures from the last run.
+    result = json.loads(args.json.read_text()) if args.skip_quantize and args.json and args.json.exists() else {}
+    steps = [
+        ("transformers", args.gptqmodel_python), ("qcore-gptqmodel", sys.executable), ("qcore-own", sys.executable),
+    ]  # fmt: skip
     if not args.skip_quantize:
         steps.insert(0, ("quantize", args.gptqmodel_python))
     for step, python in steps:
@@ -181,9 +205,9 @@ def main() -> None:
             raise SystemExit(f"step {step} failed ({done.returncode})")
         result.update(json.loads(done.stdout.splitlines()[-1]))
         print(json.dumps(result, indent=2), flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

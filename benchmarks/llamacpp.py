@@ -7,12 +7,20 @@ so prompt processing is not counted:
 
 * qcore: ``qcore.from_pretrained(file, dtype=torch.bfloat16)`` (weights kept in their GGUF blocks, Q4_1 on torch's
   int4 kernel) and ``model.generate``;
-* llama.cpp: ``llama_cpp.Llama(file)`` and ``create_completion`` through llama-cpp-python, which builds llama.cpp
-  from source. Install it in a virtual environment of its own (never beside qcore, never in CI) and pass its
-  interpreter:
+* llama.cpp, either its own benchmark tool ``llama-bench`` (``-p 0 -n TOKENS -t 1``: token generation only, the
+  figure llama.cpp's users quote), built from llama.cpp's sources with cmake, or ``llama_cpp.Llama(file)`` and
+  ``create_completion`` through llama-cpp-python (which builds the same sources) in a virtual environment of its
+  own; never beside qcore, never in CI:
 
-    python -m venv /tmp/llamacpp && /tmp/llamacpp/bin/pip install llama-cpp-python
-    python benchmarks/llamacpp.py --llama-python /tmp/llamacpp/bin/python --json benchmarks/results/llamacpp.json
+    cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF && \
+        cmake --build build --target llama-bench llama-quantize        # in a llama.cpp checkout
+    python benchmarks/llamacpp.py --llama-bench build/bin/llama-bench --llama-quantize build/bin/llama-quantize \
+        --json benchmarks/results/llamacpp.json
+    # or: python -m venv /tmp/llamacpp && /tmp/llamacpp/bin/pip install llama-cpp-python
+    #     python benchmarks/llamacpp.py --llama-python /tmp/llamacpp/bin/python
+
+With ``--llama-quantize``, the Q4_1 file is also requantized to Q4_0 and Q8_0 by llama.cpp's own tool, and every
+file is measured on both sides.
 """
 
 from __future__ import annotations
@@ -75,33 +83,59 @@ def measure(python: str, script: str, file: Path, tokens: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def measure_bench(bench: str, file: Path, tokens: int) -> dict:
+    """llama-bench's token-generation figure (``tg``), one repetition, one thread."""
+    command = [bench, "-m", str(file), "-t", "1", "-p", "0", "-n", str(tokens), "-r", "1", "-o", "json"]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    (row,) = json.loads(result.stdout)
+    return {"tok_s": row["avg_ts"], "build": f"{row.get('build_commit')} ({row.get('cpu_info')})"}
+
+
+def requantized(quantize: str, file: Path, kind: str) -> Path:
+    out = file.with_name(f"{file.stem.rsplit('.', 1)[0]}.{kind}.gguf")
+    if not out.exists():
+        subprocess.run([quantize, "--allow-requantize", str(file), str(out), kind], check=True, capture_output=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--llama-python", required=True, help="the interpreter of a venv with llama-cpp-python")
+    side = parser.add_mutually_exclusive_group(required=True)
+    side.add_argument("--llama-python", help="the interpreter of a venv with llama-cpp-python")
+    side.add_argument("--llama-bench", help="llama.cpp's llama-bench binary")
+    parser.add_argument("--llama-quantize", help="llama.cpp's llama-quantize binary: also measure Q4_0 and Q8_0")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    file = real_model.gguf_file()
-    qcore_runs, llama_runs = [], []
-    for _ in range(args.rounds):
-        qcore_runs.append(measure(sys.executable, QCORE, file, args.tokens))
-        llama_runs.append(measure(args.llama_python, LLAMA, file, args.tokens))
-    qcore_speed = statistics.median(r["tok_s"] for r in qcore_runs)
-    llama_speed = statistics.median(r["tok_s"] for r in llama_runs)
-    result = {
-        "file": file.name,
-        "threads": 1,
-        "new_tokens": args.tokens,
-        "qcore_tok_s": [r["tok_s"] for r in qcore_runs],
-        "llama_cpp_tok_s": [r["tok_s"] for r in llama_runs],
-        "qcore_over_llama_cpp": qcore_speed / llama_speed,
-        "qcore_kernels": qcore_runs[0]["kernels"],
-    }
-    print(json.dumps(result, indent=2))
+    files = [real_model.gguf_file()]
+    if args.llama_quantize:
+        files += [requantized(args.llama_quantize, files[0], kind) for kind in ("Q4_0", "Q8_0")]
+    results = []
+    for file in files:
+        qcore_runs, llama_runs = [], []
+        for _ in range(args.rounds):  # alternating, so drifting load hits both sides alike
+            qcore_runs.append(measure(sys.executable, QCORE, file, args.tokens))
+            if args.llama_bench:
+                llama_runs.append(measure_bench(args.llama_bench, file, args.tokens))
+            else:
+                llama_runs.append(measure(args.llama_python, LLAMA, file, args.tokens))
+        qcore_speed = statistics.median(r["tok_s"] for r in qcore_runs)
+        llama_speed = statistics.median(r["tok_s"] for r in llama_runs)
+        results.append({
+            "file": file.name,
+            "threads": 1,
+            "new_tokens": args.tokens,
+            "llama_cpp": "llama-bench " + llama_runs[0]["build"] if args.llama_bench else "llama-cpp-python",
+            "qcore_tok_s": [round(r["tok_s"], 2) for r in qcore_runs],
+            "llama_cpp_tok_s": [round(r["tok_s"], 2) for r in llama_runs],
+            "qcore_over_llama_cpp": round(qcore_speed / llama_speed, 3),
+            "qcore_kernels": qcore_runs[0]["kernels"],
+        })  # fmt: skip
+        print(json.dumps(results[-1], indent=2), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

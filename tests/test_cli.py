@@ -382,7 +382,15 @@ def test_sensitivity_prints_per_layer_errors_and_saves_an_auto_recipe_quantize_c
     full = measured["fixed_nbytes"] + sum(row["full"] for row in measured["nbytes"].values())
     budget = full * 3 // 4
     result = run(
-        "sensitivity", tiny, "--presets", "toy-all", "--synthetic", "--budget", budget, "--save-recipe", tmp_path / "r.json"
+        "sensitivity",
+        tiny,
+        "--presets",
+        "toy-all",
+        "--synthetic",
+        "--budget",
+        budget,
+        "--save-recipe",
+        tmp_path / "r.json",
     )
     assert result.exit_code == 0, result.output
     assert "auto recipe:" in result.stdout and "model.layers.1.mlp.down_proj" in result.stdout

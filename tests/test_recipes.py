@@ -95,9 +95,6 @@ def test_auto_recipe_fits_the_budget_and_beats_the_best_single_preset(llama):
     errors = {name: measured.total_error(choice) for name, choice in uniform.items()}
     budget = (sizes["hqq-4bit"] + sizes["hqq-8bit"]) // 2  # 4-bit fits, 8-bit does not
     chosen = auto_recipe(measured, budget)
-    print(
-        f"sizes {sizes}, errors {errors}, budget {budget}, auto {chosen.predicted_nbytes} / {chosen.predicted_error:.4e}"
-    )
     assert chosen.predicted_nbytes <= budget
     assert chosen.predicted_error < errors["hqq-4bit"]  # the best single preset that fits the budget
     model = qcore.from_pretrained(llama, chosen.recipe, dtype=torch.bfloat16)
@@ -109,3 +106,45 @@ def test_auto_recipe_refuses_an_impossible_budget(llama):
     measured = measure_sensitivity(llama, {"hqq-4bit": HQQ_4BIT}, dtype=torch.bfloat16)
     with pytest.raises(qcore.ConfigError, match="the smallest possible is"):
         auto_recipe(measured, 1000)
+
+
+def test_validated_recipe_offers_the_best_scored_recipe_and_a_mix_only_when_it_beats_the_single_preset(llama):
+    from qcore.evaluate import perplexity
+    from qcore.sensitivity import validated_recipe
+
+    candidates = {"hqq-2bit": {**HQQ_4BIT, "nbits": 2}, "hqq-4bit": HQQ_4BIT, "hqq-8bit": {**HQQ_4BIT, "nbits": 8}}
+    measured = measure_sensitivity(llama, candidates, dtype=torch.bfloat16)
+    uniform = {name: {layer: name for layer in measured.errors} for name in candidates}
+    sizes = {name: measured.total_nbytes(choice) for name, choice in uniform.items()}
+    budget = (sizes["hqq-4bit"] + sizes["hqq-8bit"]) // 2
+    validation = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(1))
+    lines = []
+    checked = validated_recipe(llama, measured, budget, validation, dtype=torch.bfloat16, progress=lines.append)
+
+    assert list(checked.tried)[-1] == "hqq-4bit everywhere"  # the best single preset that fits
+    assert len(lines) == len(checked.tried) == len(checked.perplexity)
+    for label, tried in checked.tried.items():
+        assert tried.predicted_nbytes <= budget
+        model = qcore.from_pretrained(llama, tried.recipe, dtype=torch.bfloat16)
+        assert perplexity(model, input_ids=validation).perplexity == checked.perplexity[label]
+    single = checked.perplexity["hqq-4bit everywhere"]
+    assert checked.perplexity[checked.label] == min(checked.perplexity.values())
+    assert checked.label == "hqq-4bit everywhere" or checked.perplexity[checked.label] < single
+    assert checked.chosen is checked.tried[checked.label]
+
+
+def test_validated_recipe_needs_a_single_candidate_that_fits(llama):
+    from qcore.sensitivity import validated_recipe
+
+    measured = measure_sensitivity(llama, {"hqq-4bit": HQQ_4BIT}, dtype=torch.bfloat16)
+    with pytest.raises(qcore.ConfigError, match="no single candidate fits"):
+        validated_recipe(llama, measured, measured.fixed_nbytes + 1, torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_a_budget_equal_to_a_single_candidates_size_can_choose_it_everywhere(llama):
+    """The knapsack's grid rounds only the bytes beyond each layer's smallest option, so an exact fit stays a fit."""
+    candidates = {"hqq-4bit": HQQ_4BIT, "hqq-8bit": {**HQQ_4BIT, "nbits": 8}}
+    measured = measure_sensitivity(llama, candidates, dtype=torch.bfloat16)
+    four_bit = {layer: "hqq-4bit" for layer in measured.errors}
+    chosen = auto_recipe(measured, measured.total_nbytes(four_bit), candidates=["hqq-4bit", "hqq-8bit"])
+    assert chosen.choice == four_bit and chosen.predicted_nbytes == measured.total_nbytes(four_bit)

@@ -84,9 +84,10 @@ def test_without_a_tokenizer_the_error_suggests_the_synthetic_batch(tiny, tmp_pa
     assert run("sensitivity", bare, "--preset", "toy-int8", "--synthetic", "--json").exit_code == 0
 
 
-def test_the_loss_objective_is_half_n_times_the_squared_gradient_weighted_output_error(tiny, toy_only):
-    """Each layer's error is ``N/2 * sum(g**2 * dy**2)``: ``g`` the gradient of the mean next-token loss with respect
-    to the layer's output (autograd, computed here independently), ``dy`` the quantized layer's output error."""
+def test_the_loss_objective_is_the_gradient_weighted_output_error_scaled_to_the_measured_loss_increase(tiny, toy_only):
+    """Each layer's error is ``N/2 * sum(g**2 * dy**2)`` (``g`` the gradient of the mean next-token loss with respect to
+    the layer's output, computed here independently; ``dy`` the quantized layer's output error), times one factor
+    per candidate chosen so that the layers' errors sum to the loss increase measured with it on every layer."""
     from qcore.sensitivity import measure_sensitivity
     from transformers import AutoTokenizer
 
@@ -95,7 +96,19 @@ def test_the_loss_objective_is_half_n_times_the_squared_gradient_weighted_output
     relative = measure_sensitivity(tiny, {"int8": {"quant_method": "toy_int8"}}, input_ids=ids, objective="relative")
     assert measured.objective == "loss" and relative.objective == "relative"
 
-    reference, quantized = qcore.from_pretrained(tiny), qcore.from_pretrained(tiny, {"quant_method": "toy_int8"})
+    everywhere = qcore.Recipe([(layer, {"quant_method": "toy_int8"}) for layer in measured.errors])
+    reference, quantized = qcore.from_pretrained(tiny), qcore.from_pretrained(tiny, everywhere)
+
+    def mean_loss(model):
+        logits = model(ids).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    with torch.no_grad():
+        increase = float(mean_loss(quantized) - mean_loss(reference))
+    assert measured.measured_loss_increase["int8"] == pytest.approx(increase, rel=1e-4, abs=1e-7)
+    if increase > 0:
+        assert sum(row["int8"] for row in measured.errors.values()) == pytest.approx(increase, rel=1e-4)
+
     layer = "model.layers.1.mlp.down_proj"
     seen = {}
 
@@ -104,15 +117,14 @@ def test_the_loss_objective_is_half_n_times_the_squared_gradient_weighted_output
         seen["input"], seen["output"] = args[0].detach(), output
 
     reference.get_submodule(layer).register_forward_hook(keep)
-    logits = reference(ids).logits
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    loss.backward()
+    mean_loss(reference).backward()
     with torch.no_grad():
         error = quantized.get_submodule(layer)(seen["input"]) - seen["output"]
     n = ids[:, 1:].numel()
     expected = n / 2 * float((seen["output"].grad.pow(2) * error.pow(2)).sum())
-    assert measured.errors[layer]["int8"] == pytest.approx(expected, rel=1e-4)
-    assert relative.errors[layer]["int8"] == pytest.approx(float(error.pow(2).sum() / seen["output"].detach().pow(2).sum()))
+    assert measured.errors[layer]["int8"] == pytest.approx(measured.scale["int8"] * expected, rel=1e-4)
+    output = seen["output"].detach()
+    assert relative.errors[layer]["int8"] == pytest.approx(float(error.pow(2).sum() / output.pow(2).sum()))
 
 
 def test_an_unknown_objective_is_a_config_error(tiny, toy_only):

@@ -463,7 +463,9 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     try:
         parsed = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as error:
-        raise ConfigError(f"{path}: cannot be read as JSON ({type(error).__name__}: {error}); fix or remove it") from None
+        raise ConfigError(
+            f"{path}: cannot be read as JSON ({type(error).__name__}: {error}); fix or remove it"
+        ) from None
     if not isinstance(parsed, dict):
         raise ConfigError(f"{path}: must hold a JSON object, not {type(parsed).__name__}; fix or remove it")
     return parsed

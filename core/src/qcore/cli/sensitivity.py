@@ -55,6 +55,14 @@ __all__ = ["sensitivity"]
 )  # fmt: skip
 @click.option("--eval-tokens", type=click.IntRange(min=2), default=4096, show_default=True,
               help="With --budget: tokens of that text to score.")  # fmt: skip
+@click.option(
+    "--check/--no-check", default=True, show_default=True,
+    help="With --budget and text: load the chosen mix, the mix restricted to presets as large as the best single "
+    "preset that fits, and that preset, score each on calibration text the measurement did not use, and offer the "
+    "best (a mix only when it beats the single preset).",
+)  # fmt: skip
+@click.option("--check-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
+              help="Tokens of calibration text --check scores on.")  # fmt: skip
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a heat map PNG of the errors.")
 @click.option("--html", type=click.Path(dir_okay=False, path_type=Path), help="Write the same chart as an HTML page.")
 @dtype_option
@@ -62,15 +70,17 @@ __all__ = ["sensitivity"]
 def sensitivity(
     source: str, preset_names: tuple[str, ...], budget: int | None, save_recipe: Path | None,
     text_files: tuple[Path, ...], synthetic: bool, inputs: Path | None, objective: str, batch: int, length: int,
-    eval_text: Path | None, eval_tokens: int, plot: Path | None, html: Path | None, dtype: str, as_json: bool,
+    eval_text: Path | None, eval_tokens: int, check: bool, check_tokens: int, plot: Path | None, html: Path | None,
+    dtype: str, as_json: bool,
 ) -> None:  # fmt: skip
     """Measure each candidate preset's output error on every layer of the model at PATH_OR_HUB_ID.
 
     Each layer is fed the inputs its full-precision version saw on real text and its output error is measured in
     isolation, weighted by how much the next-token loss depends on each output (the predicted loss increase, in
     nats per token; --objective relative for the unweighted relative error). With --budget, also choose the
-    per-layer mix of presets (or full precision) with the least total error that fits the budget, and score that
-    recipe's perplexity next to full precision and the best single preset that fits.
+    per-layer mix of presets (or full precision) with the least total error that fits the budget, check it end to
+    end against the best single preset that fits (--check), and score the offered recipe's perplexity on held-out
+    text next to full precision and that preset.
     """
     import torch
 
@@ -84,16 +94,20 @@ def sensitivity(
     if synthetic and (inputs or text_files):
         raise click.UsageError("give only one of --synthetic, --inputs and --text")
     torch_dtype = getattr(torch, resolve_dtype(dtype)) if resolve_dtype(dtype) else None
-    tokenizer = None
+    tokenizer, texts = None, None
     if inputs:
         input_ids, measured_on = torch.tensor(json.loads(inputs.read_text())), inputs.name
     elif synthetic:
         input_ids, measured_on = None, "a synthetic batch of random token ids"
     else:
-        input_ids, measured_on, tokenizer = _text_batch(source, text_files, batch, length)
+        input_ids, measured_on, tokenizer, texts = _text_batch(source, text_files, batch, length)
     stderr().print(f"measuring {len(names)} preset(s) on {escape(source)}, on {escape(measured_on)} ...")
     measured = measure_sensitivity(source, candidates, input_ids=input_ids, dtype=torch_dtype, objective=objective)
     chosen = auto_recipe(measured, budget) if budget is not None else None
+    checked = None
+    if chosen is not None and check and tokenizer is not None:
+        checked = _check(source, measured, budget, tokenizer, texts, batch * length, check_tokens, torch_dtype)
+        chosen = checked.chosen if checked is not None else chosen
     if save_recipe is not None and chosen is not None:
         save_recipe.write_text(json.dumps(chosen.recipe.to_dict(), indent=2) + "\n")
     if plot or html:
@@ -116,6 +130,8 @@ def sensitivity(
                 "choice": chosen.choice, "predicted_nbytes": chosen.predicted_nbytes,
                 "predicted_error": chosen.predicted_error, "budget": chosen.budget,
             }  # fmt: skip
+            if checked is not None:
+                data["auto_recipe"]["checked"] = {"perplexity": checked.perplexity, "offered": checked.label}
             data["perplexity"] = scores
         print_json(data)
         return
@@ -128,6 +144,12 @@ def sensitivity(
             f"total {_ERROR_NAMES[measured.objective]} {chosen.predicted_error:.3e}"
             + (f" (best single preset that fits: {best_single[0]}, {best_single[1]:.3e})" if best_single else "")
         )
+        if checked is not None:
+            console.print(
+                "checked on calibration text the measurement did not use: "
+                + ", ".join(f"{escape(label)} {value:.3f}" for label, value in checked.perplexity.items())
+                + f"; offered: {escape(checked.label)}"
+            )
         if scores:
             console.print(
                 "perplexity on held-out text: "
@@ -143,7 +165,23 @@ def sensitivity(
             console.print(f"chart written to {escape(str(path))}")
 
 
-def _text_batch(source: str, text_files: tuple[Path, ...], batch: int, length: int) -> tuple[Any, str, Any]:
+def _check(source, measured, budget, tokenizer, texts, skip, tokens, dtype):
+    """:func:`qcore.sensitivity.validated_recipe` on the measurement text's next ``tokens`` tokens, or None (with a
+    line on stderr) where the text runs out or no single preset fits the budget."""
+    from qcore.errors import ConfigError
+    from qcore.sensitivity import validated_recipe, validation_ids
+
+    try:
+        validation = validation_ids(tokenizer, texts, skip=skip, tokens=tokens)
+        return validated_recipe(
+            source, measured, budget, validation, dtype=dtype, progress=lambda line: stderr().print(escape(line))
+        )
+    except ConfigError as error:
+        stderr().print(f"not checking the recipe end to end: {escape(str(error))}")
+        return None
+
+
+def _text_batch(source: str, text_files: tuple[Path, ...], batch: int, length: int) -> tuple[Any, str, Any, Any]:
     from qcore.cli.generate import _load_tokenizer
     from qcore.sensitivity import text_batch
 
@@ -153,7 +191,8 @@ def _text_batch(source: str, text_files: tuple[Path, ...], batch: int, length: i
         raise click.ClickException(f"{error.message}; or measure on random token ids with --synthetic") from None
     texts = [file.read_text(encoding="utf-8") for file in text_files] or None
     where = ", ".join(file.name for file in text_files) or "the calibration part of qcore's built-in corpus"
-    return text_batch(tokenizer, texts, batch=batch, length=length), f"{batch} x {length} tokens of {where}", tokenizer
+    ids = text_batch(tokenizer, texts, batch=batch, length=length)
+    return ids, f"{batch} x {length} tokens of {where}", tokenizer, texts
 
 
 def _end_to_end(source, measured, chosen, names, budget, tokenizer, eval_text, eval_tokens, dtype):

@@ -57,7 +57,6 @@ def quantize_block(
     """GPTQ every module of ``block`` this backend owns and a config group targets, in execution order (each stage
     of Linears sharing an input on the inputs the already quantized stages produce); the rest stay as they are."""
     import torch
-    from qcore.calibration import BlockInputs
 
     from qcore_compressed_tensors.layers import CompressedLinear, weight_from_codes
     from qcore_compressed_tensors.plugin import targeted
@@ -69,55 +68,37 @@ def quantize_block(
         for name, scheme in targeted(config, context, model).items()
         if name in context.block_modules(block_name)
     }
-    first = BlockInputs(inputs.args[:1], inputs.kwargs[:1])
-    for stage in gptq.block_stages(block, list(schemes), lambda: first.run(block)):
-        collectors = {
-            name: gptq.HessianCollector(block.get_submodule(name), block.get_submodule(name).in_features)
-            for name in stage
-        }
-        try:
-            inputs.run(block)
-        finally:
-            for collector in collectors.values():
-                collector.remove()
-        for name in stage:
-            source, scheme = block.get_submodule(name), schemes[name]
-            weights = scheme["weights"]
-            collector = collectors.pop(name)
-            # A Linear the calibration data never reached has no Hessian: the identity gives round-to-nearest.
-            hessian = (
-                collector.hessian
-                if collector.samples
-                else torch.eye(source.in_features, device=collector.hessian.device)
-            )
-            decoded = gptq.quantize_layer(
-                source.weight.detach(),
-                hessian,
-                bits=weights["num_bits"],
-                group_size=weights["group_size"] if weights["strategy"] == "group" else -1,
-                sym=weights["symmetric"],
-                desc_act=False,
-                damp_percent=DAMPENING,
-            )
-            half = 1 << (weights["num_bits"] - 1)
-            codes = (decoded.codes.to(torch.int16) - half).to(torch.int8)
-            zero = None if weights["symmetric"] else (decoded.zero.to(torch.int16) - half).to(torch.int8)
-            device = source.weight.device
-            layer = CompressedLinear(
-                source.in_features, source.out_features, source.bias is not None, context.dtype, scheme
-            )
-            layer.weight = weight_from_codes(
-                codes.to(device),
-                decoded.scale.to(device, torch.float32),
-                None if zero is None else zero.to(device),
-                weights,
-                source.out_features,
-                source.in_features,
-            )
-            if source.bias is not None:
-                layer.bias = torch.nn.Parameter(source.bias.detach().clone(), requires_grad=False)
-            block.set_submodule(name, layer)
-            del source, hessian, collector
+    for name, hessian in gptq.stage_hessians(block, list(schemes), inputs):
+        source, scheme = block.get_submodule(name), schemes[name]
+        weights = scheme["weights"]
+        decoded = gptq.quantize_layer(
+            source.weight.detach(),
+            hessian,
+            bits=weights["num_bits"],
+            group_size=weights["group_size"] if weights["strategy"] == "group" else -1,
+            sym=weights["symmetric"],
+            desc_act=False,
+            damp_percent=DAMPENING,
+        )
+        half = 1 << (weights["num_bits"] - 1)
+        codes = (decoded.codes.to(torch.int16) - half).to(torch.int8)
+        zero = None if weights["symmetric"] else (decoded.zero.to(torch.int16) - half).to(torch.int8)
+        device = source.weight.device
+        layer = CompressedLinear(
+            source.in_features, source.out_features, source.bias is not None, context.dtype, scheme
+        )
+        layer.weight = weight_from_codes(
+            codes.to(device),
+            decoded.scale.to(device, torch.float32),
+            None if zero is None else zero.to(device),
+            weights,
+            source.out_features,
+            source.in_features,
+        )
+        if source.bias is not None:
+            layer.bias = torch.nn.Parameter(source.bias.detach().clone(), requires_grad=False)
+        block.set_submodule(name, layer)
+        del source, hessian
     logger.info(
         "compressed-tensors: %s: GPTQ on %d linear(s), %d calibration sequences", block_name, len(schemes), len(inputs)
     )

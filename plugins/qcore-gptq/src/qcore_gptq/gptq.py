@@ -24,7 +24,7 @@ from torch import nn
 
 from qcore_gptq.formats import Decoded
 
-__all__ = ["quantize_layer", "HessianCollector", "block_stages"]
+__all__ = ["quantize_layer", "HessianCollector", "block_stages", "stage_hessians"]
 
 #: Columns quantized together before the lazy update of the rest (the paper's B = 128).
 BLOCK_COLUMNS = 128
@@ -71,9 +71,17 @@ def quantize_layer(
     H[dead, dead] = 1
     W[:, dead] = 0
     perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(columns, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
+    if desc_act:
+        W, H = W[:, perm], H[perm][:, perm]
     H.diagonal().add_(damp_percent * torch.mean(torch.diag(H)))
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    # One [in, in] matrix at a time, each freed once the next exists: for a 5632-wide Linear each is 127 MB, and
+    # holding all of them at once was most of the calibrating load's peak above the block it quantizes.
+    factor = torch.linalg.cholesky(H)
+    del H
+    inverse_hessian = torch.cholesky_inverse(factor)
+    del factor
+    U = torch.linalg.cholesky(inverse_hessian, upper=True)
+    del inverse_hessian
 
     codes = torch.zeros_like(W, dtype=torch.uint8)
     scales = torch.zeros(rows, columns // group, device=W.device)
@@ -159,6 +167,44 @@ def block_stages(block: nn.Module, names: list[str], run_one) -> list[list[str]]
     calls.clear()
     # Linears the block never called (an unused branch) are quantized last, from no data: round-to-nearest.
     return stages + [[name] for name in names if name not in seen]
+
+
+def stage_hessians(block: nn.Module, names: list[str], inputs, *, true_sequential: bool = True):
+    """Yield ``(name, hessian)`` for each Linear of ``block`` named in ``names``, stage by stage in execution order.
+
+    ``inputs`` (:class:`qcore.calibration.BlockInputs`) runs the block on the calibration sequences once per stage,
+    so a stage's Hessian is collected on what the stages before it produce: the caller swaps each Linear for its
+    quantized version before asking for the next name (true-sequential GPTQ). The Linears of a stage read one input
+    tensor (q/k/v, gate/up) and share one Hessian. With ``true_sequential=False`` every Linear is collected on the
+    block's full-precision run, in one pass. A Linear no calibration data reached gets the identity (plain
+    round-to-nearest), never zeros.
+    """
+    from qcore.calibration import BlockInputs
+    from qcore.linear import linear_shape
+
+    if true_sequential:
+        first = BlockInputs(inputs.args[:1], inputs.kwargs[:1])
+        stages = block_stages(block, names, lambda: first.run(block))
+    else:
+        stages = [names]
+    for stage in stages:
+        hooked = stage[:1] if true_sequential else stage
+        collectors = {
+            name: HessianCollector(block.get_submodule(name), linear_shape(block.get_submodule(name)).in_features)
+            for name in hooked
+        }
+        try:
+            inputs.run(block)
+        finally:
+            for collector in collectors.values():
+                collector.remove()
+        for name in stage:
+            collector = collectors.get(name, collectors[stage[0]])
+            if collector.samples:
+                yield name, collector.hessian
+            else:
+                yield name, torch.eye(collector.hessian.shape[0], device=collector.hessian.device)
+        del collectors
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:

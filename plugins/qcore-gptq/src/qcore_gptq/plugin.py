@@ -138,50 +138,26 @@ def calibrate_block(
     block: nn.Module,
     inputs: BlockInputs,
 ) -> None:
-    import torch
-    from qcore.calibration import BlockInputs
-
-    from qcore_gptq.gptq import HessianCollector, block_stages, quantize_layer
+    from qcore_gptq.gptq import quantize_layer, stage_hessians
     from qcore_gptq.layers import from_result
 
     started = time.perf_counter()
     names = [name[len(block_name) + 1 :] for name in context.block_modules(block_name) if name not in context.fallbacks]
-    if config.true_sequential:
-        first = BlockInputs(inputs.args[:1], inputs.kwargs[:1])
-        stages = block_stages(block, names, lambda: first.run(block))
-    else:
-        stages = [names]
-    for stage in stages:
-        # The Linears of a true-sequential stage read one input tensor (q/k/v, gate/up): one Hessian serves them all.
-        hooked = stage[:1] if config.true_sequential else stage
-        collectors = {
-            name: HessianCollector(block.get_submodule(name), linear_shape(block.get_submodule(name)).in_features)
-            for name in hooked
-        }
-        try:
-            inputs.run(block)
-        finally:
-            for collector in collectors.values():
-                collector.remove()
-        for name in stage:
-            source = block.get_submodule(name)
-            weight = source.weight.detach()
-            weight = weight.T if is_conv1d(source) else weight
-            collector = collectors.get(name, collectors[stage[0]])
-            # A Linear the calibration data never reached has no Hessian: round-to-nearest, not zeros.
-            hessian = collector.hessian if collector.samples else torch.eye(weight.shape[1], device=weight.device)
-            layout = layout_for(config, source)
-            decoded = quantize_layer(
-                weight, hessian, bits=config.bits, group_size=layout.group_size, sym=config.sym,
-                desc_act=config.desc_act, damp_percent=config.damp_percent,
-                zero_at_least=1 if config.checkpoint_format == "gptq" and not config.sym else 0,
-            )  # fmt: skip
-            del hessian
-            layer = from_result(layout, decoded, source.bias, weight.device)
-            layer.transposed = is_conv1d(source)
-            block.set_submodule(name, layer)
-            del source, weight
-        del collectors
+    for name, hessian in stage_hessians(block, names, inputs, true_sequential=config.true_sequential):
+        source = block.get_submodule(name)
+        weight = source.weight.detach()
+        weight = weight.T if is_conv1d(source) else weight
+        layout = layout_for(config, source)
+        decoded = quantize_layer(
+            weight, hessian, bits=config.bits, group_size=layout.group_size, sym=config.sym,
+            desc_act=config.desc_act, damp_percent=config.damp_percent,
+            zero_at_least=1 if config.checkpoint_format == "gptq" and not config.sym else 0,
+        )  # fmt: skip
+        del hessian
+        layer = from_result(layout, decoded, source.bias, weight.device)
+        layer.transposed = is_conv1d(source)
+        block.set_submodule(name, layer)
+        del source, weight
     logger.info(
         "gptq: %s: %d linear(s) quantized in %.1fs (%d calibration sequences)",
         block_name, len(names), time.perf_counter() - started, len(inputs),
