@@ -4,7 +4,7 @@ gptqmodel is not a dependency of this repository (7.7 needs a newer torch than t
 from source beside torch 2.13), so it runs in a virtual environment of its own that also holds ``qcore`` (for the
 built-in corpus and the perplexity function, so both sides are scored by the same code):
 
-    python -m venv /tmp/gptqmodel && /tmp/gptqmodel/bin/pip install torch==2.13.0 gptqmodel==7.6.0 ./core
+    python -m venv /tmp/gptqmodel && /tmp/gptqmodel/bin/pip install torch==2.13.0 gptqmodel==7.6.0 optimum ./core
     python benchmarks/gptq.py --sequences 8 --tokens 512     # qcore-gptq's checkpoint, if not built yet
     python benchmarks/gptqmodel_compare.py --gptqmodel-python /tmp/gptqmodel/bin/python --json \\
         benchmarks/results/gptqmodel.json
@@ -46,7 +46,7 @@ GPTQMODEL_OUT = real_model.CACHE / "smollm2-135m-gptqmodel-4bit-g64"
 QCORE_OUT = real_model.CACHE / "smollm2-135m-gptq-4bit-g64"  # written by gptq.py
 
 
-def _peak_rss_mib() -> float:
+def _peak_rss_mib() -> float:  # the quantize step's figure (gptqmodel's own process)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -120,14 +120,24 @@ def _import_before_baseline() -> None:
 
 
 def _load(label: str, load, args) -> dict:
+    """Load time and peak resident memory above the baseline, anonymous (what the load holds) and file-backed (the
+    memory-mapped checkpoint, which the kernel may drop) apart: a load that keeps lazily mapped tensors touches few
+    file pages until the first forward, so ``ru_maxrss`` alone would compare unlike things."""
+    from gptq import _Sampler, _status
+
     _import_before_baseline()
-    baseline = _peak_rss_mib()
+    sampler = _Sampler()
+    baseline = sampler.peak["RssAnon"] = _status("RssAnon")
+    sampler.start()
     started = time.perf_counter()
     model = load()
     seconds = time.perf_counter() - started
+    time.sleep(0.05)
+    sampler.running = False
     result = {
         f"load seconds {label}": round(seconds, 2),
-        f"load peak RSS over baseline MiB {label}": round(_peak_rss_mib() - baseline, 1),
+        f"load peak anonymous RSS over baseline MiB {label}": round((sampler.peak["RssAnon"] - baseline) / 2**20, 1),
+        f"load peak file-backed RSS MiB {label}": round(sampler.peak["RssFile"] / 2**20, 1),
     }
     result.update(_score(model, label, args))
     return result

@@ -181,6 +181,9 @@ def from_pretrained(
     calibrating = [unit for unit in units if unit.config.needs_calibration and not pre_quantized]
     if calibrating:
         from qcore import calibration as calibrate
+        from qcore.memory import map_large_allocations
+
+        map_large_allocations()  # calibration frees large float32 temporaries per Linear (Hessians, factors)
 
         blocks = calibrate.decoder_blocks(model, candidates)
         for unit in calibrating:

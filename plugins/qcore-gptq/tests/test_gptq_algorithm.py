@@ -112,3 +112,45 @@ def test_hessian_collector_averages_two_x_xt():
     rows = torch.cat([batch.reshape(-1, 8) for batch in batches])
     assert collector.samples == 17
     torch.testing.assert_close(collector.hessian, 2 * rows.T @ rows / 17)
+
+
+@pytest.mark.parametrize("settings", SETTINGS[:2], ids=["sym-g128", "asym-g32-act-order"])
+def test_working_in_the_callers_hessian_gives_the_same_result_and_is_opt_in(layer_problem, settings):
+    """``overwrite_hessian=True`` (what the per-block loop passes, so the widest Linear's [in, in] matrix is not
+    copied) changes memory only; without it the caller's Hessian is left as it was."""
+    weight, inputs = layer_problem
+    hessian = 2 * inputs.T @ inputs / inputs.shape[0]
+    kept = hessian.clone()
+    copied = quantize_layer(weight, hessian, damp_percent=0.01, **settings)
+    assert torch.equal(hessian, kept)
+    in_place = quantize_layer(weight, hessian, damp_percent=0.01, overwrite_hessian=True, **settings)
+    for name in ("codes", "scale", "zero", "g_idx"):
+        assert torch.equal(getattr(copied, name), getattr(in_place, name)), name
+
+
+def test_stage_hessians_hands_each_linear_a_hessian_of_its_own():
+    """q/k/v share one input: each gets the Hessian of it, the first two a copy, the last the collected matrix."""
+    from qcore.calibration import BlockInputs
+    from qcore_gptq.gptq import stage_hessians
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.o = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.o(self.q(x) + self.k(x))
+
+    block = Block()
+    inputs = BlockInputs([(torch.randn(2, 5, 8),)], [{}])
+    seen = []
+    for name, hessian in stage_hessians(block, ["q", "k", "o"], inputs):
+        seen.append((name, hessian))
+        hessian.mul_(0)  # a caller may overwrite what it was handed; the next Linear's Hessian must not change
+    assert [name for name, _ in seen] == ["q", "k", "o"]
+    assert seen[0][1].data_ptr() != seen[1][1].data_ptr()
+    x = inputs.args[0][0].reshape(-1, 8)
+    expected = 2 * x.T @ x / x.shape[0]
+    fresh = list(stage_hessians(Block(), ["q", "k"], inputs))
+    for _, hessian in fresh:
+        assert torch.allclose(hessian, expected, atol=1e-5)

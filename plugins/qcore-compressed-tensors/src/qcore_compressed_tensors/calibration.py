@@ -79,6 +79,7 @@ def quantize_block(
             sym=weights["symmetric"],
             desc_act=False,
             damp_percent=DAMPENING,
+            overwrite_hessian=True,
         )
         half = 1 << (weights["num_bits"] - 1)
         codes = (decoded.codes.to(torch.int16) - half).to(torch.int8)

@@ -151,7 +151,7 @@ def calibrate_block(
         decoded = quantize_layer(
             weight, hessian, bits=config.bits, group_size=layout.group_size, sym=config.sym,
             desc_act=config.desc_act, damp_percent=config.damp_percent,
-            zero_at_least=1 if config.checkpoint_format == "gptq" and not config.sym else 0,
+            zero_at_least=1 if config.checkpoint_format == "gptq" and not config.sym else 0, overwrite_hessian=True,
         )  # fmt: skip
         del hessian
         layer = from_result(layout, decoded, source.bias, weight.device)

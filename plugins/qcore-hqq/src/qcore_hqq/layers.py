@@ -12,10 +12,6 @@ Imported only from inside the hooks: it imports torch and hqq.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -143,30 +139,13 @@ def dequantized(layer: HQQLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]
     return tensors
 
 
-#: glibc's ``M_MMAP_THRESHOLD`` (malloc.h) and the size from which every allocation gets pages of its own.
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD = 4 * 2**20
-
-
-@functools.cache
 def _map_large_allocations() -> None:
-    """Give every allocation of 4 MiB or more pages of its own, returned to the system when it is freed.
+    """hqq's optimizer makes about ten float32 temporaries of each weight it quantizes; glibc would keep them in its
+    heap (measured on the 336M benchmark model: the load peaked 905 MiB above its baseline for a ~280 MiB model, and
+    4 blocks of it kept 313 MiB after quantizing 24 MiB of weights; with the fixed threshold 34 MiB)."""
+    from qcore.memory import map_large_allocations
 
-    hqq's optimizer makes about ten float32 temporaries of each weight it quantizes. Once glibc's dynamic mmap
-    threshold has risen past their size it serves them from its heap, which fragments around the quantized tensors
-    allocated in between and keeps them: measured on the 336M benchmark model, the load peaked 905 MiB above its
-    baseline for a model of ~280 MiB, and 4 blocks of it kept 313 MiB after quantizing 24 MiB of weights (with the
-    fixed threshold: 34 MiB). The setting is process-wide (glibc cannot restore the dynamic threshold) and changes
-    only where memory comes from, never a result.
-    """
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return
-    if hasattr(libc, "mallopt"):
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    map_large_allocations()
 
 
 def _shape(module: nn.Module) -> tuple[int, int]:
