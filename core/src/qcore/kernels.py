@@ -48,6 +48,7 @@ CUDA tile layout through the kernel itself, multiplying by the identity, which i
 
 from __future__ import annotations
 
+import abc
 import functools
 import math
 
@@ -88,7 +89,7 @@ _CPU_INT8_HALVES_MAX_BATCH = 2
 _IDENTITY_CHUNK = 1024
 
 
-class PackedWeight:
+class PackedWeight(abc.ABC):
     """What the three weight kinds share: kernel choice, the one-call matmul, and the reference dequantization."""
 
     kind = "packed"
@@ -168,13 +169,13 @@ class PackedWeight:
         out = self._kernel_matmul(rows).reshape(*x.shape[:-1], self.out_features)
         return out + bias if bias is not None else out
 
+    @abc.abstractmethod
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The exact float weight ``[out_features, in_features]``, computed in float32 and rounded once to ``dtype``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def codes(self) -> torch.Tensor:
         """The integer (or float8) codes exactly as ``from_codes`` received them, in the plain ``[out, in]`` layout."""
-        raise NotImplementedError
 
     @property
     def device(self) -> torch.device:
@@ -213,21 +214,25 @@ class PackedWeight:
 
     # -- what each kind provides --------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _candidates(self, device: torch.device, dtype: torch.dtype, batch_hint: int) -> list[tuple[str, str | None]]:
         """Kernels fastest first, each with why it cannot run here (``None`` when it can); ends with dequantize."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _repack(self, kernel: str, device: torch.device, dtype: torch.dtype) -> None:
-        raise NotImplementedError
+        """Lay the codes out as ``kernel`` reads them on ``device``, computing in ``dtype``."""
 
+    @abc.abstractmethod
     def _kernel_matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """``rows @ W.T`` through the selected kernel (``rows``: ``[n, in_features]``)."""
 
+    @abc.abstractmethod
     def _weight_error(self, kernel: str, dtype: torch.dtype) -> torch.Tensor:
-        raise NotImplementedError
+        """Per-weight bound on what ``kernel`` rounds of the exact weight, in float64 (for :meth:`error_bound`)."""
 
+    @abc.abstractmethod
     def _tensors(self) -> list[torch.Tensor | None]:
-        raise NotImplementedError
+        """Every tensor this weight holds (for :attr:`nbytes`)."""
 
 
 class _KernelMatmul(torch.autograd.Function):
