@@ -57,9 +57,9 @@ __all__ = ["sensitivity"]
               help="With --budget: tokens of that text to score.")  # fmt: skip
 @click.option(
     "--check/--no-check", default=True, show_default=True,
-    help="With --budget and text: load the chosen mix, the mix restricted to presets as large as the best single "
-    "preset that fits, and that preset, score each on calibration text the measurement did not use, and offer the "
-    "best (a mix only when it beats the single preset).",
+    help="With --budget and text: load the chosen mix, the mixes restricted to presets at least 80% and 100% of the "
+    "size of the best single preset that fits, and that preset, score each on calibration text the measurement did "
+    "not use, and offer the best (a mix only when it beats the single preset).",
 )  # fmt: skip
 @click.option("--check-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
               help="Tokens of calibration text --check scores on.")  # fmt: skip
