@@ -55,7 +55,7 @@ class QuantoConfig(QuantConfig):
     def check(self) -> None:
         kinds = self.weights.values() if isinstance(self.weights, dict) else [self.weights]
         for kind in kinds:
-            if kind not in WEIGHTS:
+            if not isinstance(kind, str) or kind not in WEIGHTS:
                 raise ConfigError(f"quanto config: field 'weights' must be one of {sorted(WEIGHTS)}, got {kind!r}")
         if isinstance(self.weights, dict) and not self.weights:
             raise ConfigError("quanto config: field 'weights' maps no module")
