@@ -248,3 +248,50 @@ def test_split_across_gpu_and_cpu_matches_a_single_device_load(llama, toy, backe
     expected, got = logits(single).float().cpu(), logits(split).float().cpu()
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+
+
+#: One preset per installed backend beyond the five above, so every form is tried with every backend; a backend
+#: that is not installed skips. GPTQ calibrates (token ids below); the rest quantize on the fly.
+EVERY_BACKEND = ["gptq-4bit", "ct-w4a16", "ct-w8a8", "fp8-block128", "quanto-int4", "torchao-int8-weight-only",
+                 "gguf-q4_0"]  # fmt: skip
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _preset(name):
+    if name not in qcore.plugins.presets():
+        pytest.skip(f"{name}: its backend is not installed")
+    return qcore.plugins.preset_config(name)
+
+
+@pytest.mark.parametrize("preset", EVERY_BACKEND)
+def test_every_device_map_form_loads_every_backend_on_the_fly_and_pre_quantized(llama, preset, tmp_path):
+    config = _preset(preset)
+    calibration = {"calibration": IDS} if preset.startswith("gptq") else {}
+    reference = qcore.from_pretrained(llama, config, **calibration)
+    expected = logits(reference)
+    qcore.save_pretrained(reference, tmp_path / "saved")
+    for device_map in MAPS:
+        if not calibration:  # a calibrating load gives the same model under every map; one is enough
+            on_the_fly = qcore.from_pretrained(llama, config, device_map=device_map)
+            assert torch.equal(logits(on_the_fly), expected), device_map
+        reloaded = qcore.from_pretrained(tmp_path / "saved", device_map=device_map)
+        assert {p.device.type for p in reloaded.parameters()} == {"cpu"}, device_map
+        assert torch.equal(logits(reloaded), expected), device_map
+    if calibration:
+        on_the_fly = qcore.from_pretrained(llama, config, device_map="auto", **calibration)
+        assert torch.equal(logits(on_the_fly), expected)
+
+
+def test_every_device_map_form_loads_a_recipe_mixing_backends(llama, tmp_path):
+    recipe = qcore.Recipe(
+        [("*self_attn*", BACKENDS["bnb-int8"]), ("*mlp.down_proj", BACKENDS["eetq"]), ("*mlp*", BACKENDS["hqq"]),
+         ("lm_head", None)],
+    )  # fmt: skip
+    reference = qcore.from_pretrained(llama, recipe)
+    expected = logits(reference)
+    qcore.save_pretrained(reference, tmp_path / "saved")
+    for device_map in MAPS:
+        assert torch.equal(logits(qcore.from_pretrained(llama, recipe, device_map=device_map)), expected), device_map
+        assert torch.equal(logits(qcore.from_pretrained(tmp_path / "saved", device_map=device_map)), expected)
+    with pytest.raises(qcore.ConfigError, match="'disk'"):  # placed by the recipe's quantized sizes, so too little
+        qcore.from_pretrained(llama, recipe, device_map="auto", max_memory={"cpu": 20_000})

@@ -86,6 +86,45 @@ def test_int4_inverse_of_the_other_cpu_layouts(capability):
     assert (kernel, exact) == ("int4pack-cpu", "True")
 
 
+@pytest.mark.parametrize("layout", ["avx512", "avx2", "pairs"])
+@pytest.mark.parametrize("out_features", [64, 112, 96, 32, 48, 130])
+def test_rows_read_from_each_cpu_layout_are_those_of_the_full_unpacking(layout, out_features):
+    """A tied embedding looks tokens up as rows of its head's packed codes; full blocks and the tail alike."""
+    from qcore.kernels import _int4_cpu_rows, _unpack_int4_cpu
+
+    packed = torch.randint(
+        0, 256, (out_features * 96 // 2,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    rows = torch.tensor([0, out_features - 1, out_features // 2, 5, 5, 33 % out_features, 63 % out_features])
+    assert torch.equal(_int4_cpu_rows(packed, rows, out_features, 96, layout),
+                       _unpack_int4_cpu(packed, out_features, 96, layout)[rows])  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("kernel", ["dequantize", "int4pack-cpu"])
+def test_row_codes_are_the_codes_of_those_rows_under_every_kernel(kind, kernel):
+    generator = torch.Generator().manual_seed(1)
+    if kind == "int4":
+        codes = torch.randint(0, 16, (4160, 64), generator=generator, dtype=torch.uint8)
+        weight = Int4Weight.from_codes(codes, torch.rand(4160, 2) + 0.1, None, 32)
+    else:
+        codes = torch.randint(-128, 128, (4160, 64), generator=generator, dtype=torch.int8)
+        weight = Int8Weight.from_codes(codes, torch.rand(4160, 2) + 0.1, None, 32)
+    weight.select("cpu", torch.bfloat16, kernel=kernel)
+    rows = torch.tensor([4159, 0, 64, 4096, 4100, 7, 7])
+    assert torch.equal(weight.row_codes(rows), codes[rows])
+
+
+def test_packing_a_large_weight_in_slices_gives_torchs_layout():
+    """The CPU int4 layout is packed a few thousand rows at a time (bounding its int32 temporary): same bytes."""
+    from qcore.kernels import _pack_int4
+
+    codes = torch.randint(0, 16, (8192 + 48, 576), dtype=torch.int32, generator=torch.Generator().manual_seed(2))
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    ones, zeros = torch.ones(codes.shape[0], 18), torch.zeros(codes.shape[0], 18)
+    assert torch.equal(_pack_int4(codes.to(torch.uint8), ones, zeros, 32, "int4pack-cpu", torch.bfloat16).packed, whole)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("zero", [True, False])
 def test_int4_kernel_within_bound(dtype, zero):

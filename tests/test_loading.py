@@ -214,3 +214,38 @@ def test_loading_never_writes_into_the_source(llama, toy):
     before = {p.name: p.stat().st_mtime_ns for p in llama.iterdir()}
     qcore.from_pretrained(llama, TOY)
     assert {p.name: p.stat().st_mtime_ns for p in llama.iterdir()} == before
+
+
+class _Taker:
+    """Makes each toy unit take one more module in preprocess_model, before the toy replaces its modules."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @qcore.hookimpl(wrapper=True)
+    def preprocess_model(self, config, context, model):
+        if context.modules and not context.modules[0].endswith("mlp.up_proj"):
+            context.take(self.name)
+        return (yield)
+
+
+def test_a_backend_takes_a_module_the_core_kept_and_owns_it_to_the_end(llama, toy):
+    qcore.register_plugin(_Taker("lm_head"), "taker")
+    try:
+        model = qcore.from_pretrained(llama, TOY)
+    finally:
+        qcore.unregister_plugin("taker")
+    assert type(model.lm_head).__name__ == "ToyLinear" and "lm_head" in model.qcore_applied
+    assert model.lm_head.weight.dtype == torch.int8  # its tensor reached the toy's load_weight
+    dense = qcore.dequantize(model)
+    assert type(dense.lm_head) is torch.nn.Linear
+
+
+def test_two_backends_cannot_take_one_module(llama, toy):
+    recipe = qcore.Recipe([("*mlp.up_proj", TOY), ("*", {**TOY, "compute_dtype": "float32"})])
+    qcore.register_plugin(_Taker("model.layers.0.mlp.up_proj"), "taker")
+    try:
+        with pytest.raises(qcore.PluginError, match="took module 'model.layers.0.mlp.up_proj', which"):
+            qcore.from_pretrained(llama, recipe)
+    finally:
+        qcore.unregister_plugin("taker")

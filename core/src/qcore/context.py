@@ -47,6 +47,8 @@ class LoadContext:
     fallbacks: dict[str, str] = dataclasses.field(default_factory=dict)
     #: The backend this context was made for.
     backend_name: str = ""
+    #: Modules this backend took with :meth:`take` (also in ``modules``).
+    taken: tuple[str, ...] = ()
     #: True when this backend's modules are quantized by ``calibrate_block`` (its config needs calibration and the
     #: checkpoint is full precision): ``preprocess_model`` must then leave them as they are.
     calibrating: bool = False
@@ -59,8 +61,24 @@ class LoadContext:
     def for_backend(self, backend_name: str, modules: tuple[str, ...], module_keys: Mapping[str, frozenset[str]]):
         """A context for one backend, sharing this load's state."""
         return dataclasses.replace(
-            self, backend_name=backend_name, modules=modules, _pending={}, _module_keys=module_keys
+            self, backend_name=backend_name, modules=modules, taken=(), _pending={}, _module_keys=module_keys
         )
+
+    def take(self, module_name: str) -> None:
+        """Own ``module_name`` too, though the core did not assign it (call it in ``preprocess_model``).
+
+        For a module the core keeps in full precision that this backend holds quantized instead, such as a tied
+        input embedding kept in the checkpoint's quantized form: its checkpoint tensors (named as the checkpoint
+        names them) reach ``load_weight``, ``qcore.dequantize`` asks ``dequantize_module`` for it, and the core
+        leaves its tying to the backend. Two backends taking one module is a ``PluginError``.
+        """
+        if module_name in self.modules:
+            return
+        prefix = module_name + "."
+        names = frozenset(key[len(prefix) :] for key in self.checkpoint.tensors if key.startswith(prefix))
+        self.modules = (*self.modules, module_name)
+        self._module_keys = {**self._module_keys, module_name: names}
+        self.taken = (*self.taken, module_name)
 
     def device_for(self, module_name: str) -> torch.device:
         """The device a module's tensors must end on, from the (final) device map."""

@@ -85,9 +85,22 @@ def dequantize(model: Any, dtype: torch.dtype | str | None = None) -> Any:
 
     dtype = _resolve_dtype(dtype, model.config)
     plain = _plain_skeleton(model, dtype)
-    for name in list(_applied(model)):
+    applied = _applied(model)
+    # A tied pair a backend held quantized once (an embedding and its output layer) comes back tied: the source is
+    # dequantized, the target becomes the plain module again and shares the source's weight.
+    tied = {
+        target.rpartition(".")[0]
+        for target, source in (getattr(plain, "all_tied_weights_keys", None) or {}).items()
+        if target.rpartition(".")[0] in applied and source.rpartition(".")[0] in applied
+    }
+    for name in list(applied):
+        if name in tied:
+            model.set_submodule(name, copy.deepcopy(plain.get_submodule(name)))
+            continue
         tensors = dequantize_module(model, name, dtype)
         model.set_submodule(name, _filled(plain.get_submodule(name), tensors, name, model))
+    if tied:
+        model.tie_weights()
     _unmark(model)
     return model
 

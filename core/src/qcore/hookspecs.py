@@ -141,6 +141,11 @@ def preprocess_model(config: QuantConfig, context: LoadContext, model: PreTraine
 
     Implementing in a backend: required. Touch only ``context.modules``; create new modules on the meta device (or
     defer their creation to :func:`load_weight`); never allocate real memory for weights here.
+
+    A backend that keeps a module the core leaves in full precision quantized (a tied input embedding and its output
+    layer, held once in the checkpoint's quantized form) calls ``context.take(name)`` for it here, before replacing
+    it: the module's checkpoint tensors then reach :func:`load_weight`, :func:`dequantize_module` gives it back in
+    full precision, and the core does not tie it (the backend ties what it took, in :func:`postprocess`).
     """
 
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 import abc
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,8 @@ KERNELS = {
 _INT4_GROUPS = (256, 128, 64, 32)
 #: torch's CPU int4 layout packs output rows in blocks of 16 (a tail block of 16/32/48 rows included).
 _CPU_INT4_ROWS = 16
+#: Codes packed for the CPU int4 kernel per call (then concatenated): bounds the int32 temporary at 8 MiB.
+_PACK_ROWS_ELEMENTS = 2**21
 #: tinygemm tiles the output in 8 rows and the input in 16 x innerKTiles columns.
 _CUDA_INT4_ROWS = 8
 #: torch 2.13's CPU bfloat16 int8 kernel reads K in steps of 16 with no tail: other sizes give garbage or a crash.
@@ -176,6 +179,14 @@ class PackedWeight(abc.ABC):
     @abc.abstractmethod
     def codes(self) -> torch.Tensor:
         """The integer (or float8) codes exactly as ``from_codes`` received them, in the plain ``[out, in]`` layout."""
+
+    def row_codes(self, rows: torch.Tensor) -> torch.Tensor:
+        """``codes()[rows]`` for a 1-D index tensor of output rows, without unpacking the rest.
+
+        A tied embedding looks up a token's row of its output layer's weight this way. The kinds whose kernel keeps
+        codes row by row (every kernel but CUDA's tinygemm) read only those rows; otherwise all codes are unpacked.
+        """
+        return self.codes()[rows.to(self.device)]
 
     @property
     def device(self) -> torch.device:
@@ -281,6 +292,12 @@ class _Int4Halves:
             return _unpack_int4_cpu(self.packed, out_features, in_features, _cpu_int4_layout())
         return _unpack_int4_by_identity(self.packed, out_features, in_features, self.kernel)
 
+    def row_codes(self, rows: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+        """``codes(out_features, in_features)[rows]``: gathered from the CPU layout, unpacked whole otherwise."""
+        if self.kernel == "int4pack-cpu":
+            return _int4_cpu_rows(self.packed, rows, out_features, in_features, _cpu_int4_layout())
+        return self.codes(out_features, in_features)[rows]
+
     def tensors(self) -> list[torch.Tensor]:
         return [self.packed, self.scale_and_zeros]
 
@@ -321,9 +338,20 @@ def _int4_is_slow(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _pack_int4(
-    codes: torch.Tensor, scale: torch.Tensor, zero_term: torch.Tensor, group_size: int, kernel: str, dtype: torch.dtype
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_term: torch.Tensor,
+    group_size: int,
+    kernel: str,
+    dtype: torch.dtype,
+    nibbles: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> _Int4Halves:
-    """Pack uint8 codes 0..15 ``[N, K]`` for ``kernel`` with per-group ``scale`` and kernel zeros ``z'`` (float32)."""
+    """Pack uint8 codes 0..15 ``[N, K]`` for ``kernel`` with per-group ``scale`` and kernel zeros ``z'`` (float32).
+
+    ``nibbles``, when given, turns a slice of rows of ``codes`` into those codes (one half of an int8 weight), so
+    the full-size intermediate is never made.
+    """
+    nibbles = nibbles or (lambda rows: rows)
     kernel_group = _kernel_group(group_size)
     repeat = group_size // kernel_group
     # A group larger than 256 (per-channel included) is several kernel groups sharing one scale.
@@ -332,10 +360,17 @@ def _pack_int4(
     )
     scale_and_zeros = scale_and_zeros.to(dtype).transpose(0, 1).contiguous()
     if kernel == "int4pack-cpu":
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        # The CPU layout stores blocks of 64 rows one after another, so packing whole blocks a slice at a time gives
+        # the same bytes while the kernel's int32 input (4 bytes a weight) stays a few MiB for any weight.
+        step = max(64, _PACK_ROWS_ELEMENTS // max(1, codes.shape[1]) // 64 * 64)
+        packed = torch.empty(codes.shape[0], codes.shape[1] // 2, dtype=torch.uint8, device=codes.device)
+        for start in range(0, codes.shape[0], step):
+            rows = nibbles(codes[start : start + step]).to(torch.int32)
+            packed[start : start + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows, 1)
     else:
-        nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
-        packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, _inner_k_tiles(codes.shape[1]))
+        codes = nibbles(codes)
+        pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+        packed = torch.ops.aten._convert_weight_to_int4pack(pairs, _inner_k_tiles(codes.shape[1]))
     return _Int4Halves(packed, scale_and_zeros, kernel_group, kernel)
 
 
@@ -383,6 +418,29 @@ def _unpack_int4_cpu(packed: torch.Tensor, out_features: int, in_features: int, 
         pairs = flat[full * in_features * block // 2 :].view(in_features, tail // 2)
         parts.append(torch.stack((pairs & 15, pairs >> 4), dim=-1).reshape(in_features, tail).T)
     return torch.cat(parts).contiguous()
+
+
+def _int4_cpu_rows(packed: torch.Tensor, rows: torch.Tensor, out_features: int, in_features: int, layout: str):
+    """``_unpack_int4_cpu(packed, ...)[rows]`` reading only those rows' bytes: for each row, its block, the byte
+    column it shares with its partner row, and which nibble is its own (the layouts ``_unpack_int4_cpu`` inverts)."""
+    block = 64 if layout == "avx512" else 32
+    flat, rows = packed.reshape(-1), rows.reshape(-1).to(packed.device)
+    full = out_features // block
+    k = torch.arange(in_features, device=packed.device)
+    position = rows % block
+    if layout == "pairs":
+        column, high = position // 2, position % 2 == 1
+    else:
+        column, high = position % (block // 2), position >= block // 2
+    in_block = (rows // block * in_features * (block // 2))[:, None] + k * (block // 2) + column[:, None]
+    # The last, partial block (out_features not a multiple of ``block``) always pairs neighbouring rows.
+    tail_row, tail_pairs = rows - full * block, max(1, (out_features - full * block) // 2)
+    in_tail = full * in_features * block // 2 + k * tail_pairs + (tail_row // 2)[:, None]
+    is_tail = tail_row >= 0
+    index = torch.where(is_tail[:, None], in_tail, in_block)
+    high = torch.where(is_tail, tail_row % 2 == 1, high)
+    values = flat[index]
+    return torch.where(high[:, None], values >> 4, values & 15)
 
 
 def _unpack_int4_by_identity(packed: torch.Tensor, out_features: int, in_features: int, kernel: str) -> torch.Tensor:
@@ -491,6 +549,11 @@ class Int4Weight(PackedWeight):
             return self._halves.codes(self.out_features, self.in_features)
         return _from_nibbles(self._nibbles)
 
+    def row_codes(self, rows: torch.Tensor) -> torch.Tensor:
+        if self._halves is not None:
+            return self._halves.row_codes(rows, self.out_features, self.in_features)
+        return _from_nibbles(self._nibbles[rows.to(self.device)])
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return _affine(self.codes(), self.scale, self.zero, 8, self.group_size, dtype)
 
@@ -586,6 +649,13 @@ class Int8Weight(PackedWeight):
             return (high * 16 + low - 128).to(torch.int8)
         return self._codes
 
+    def row_codes(self, rows: torch.Tensor) -> torch.Tensor:
+        if self._halves is not None:
+            high = self._halves[0].row_codes(rows, self.out_features, self.in_features).to(torch.int16)
+            low = self._halves[1].row_codes(rows, self.out_features, self.in_features).to(torch.int16)
+            return (high * 16 + low - 128).to(torch.int8)
+        return self._codes[rows.to(self.device)]
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return _affine(self.codes(), self.scale, self.zero, 0, self._group, dtype)
 
@@ -607,14 +677,16 @@ class Int8Weight(PackedWeight):
         self.zero = None if self.zero is None else self.zero.to(device)
         self._halves = self._kernel_scale = None
         if kernel in ("int4pack-cpu", "tinygemm-cuda"):
-            unsigned = codes.to(torch.int16) + 128
+            unsigned = codes.view(torch.uint8)  # q + 128 is this byte with its top bit flipped
             scale = self.scale.to(torch.float32)
             zero = self.zero.to(torch.float32) if self.zero is not None else torch.zeros_like(scale)
             self._codes = None
             self._halves = (
-                _pack_int4(unsigned >> 4, scale * 16, torch.zeros_like(scale), self._group, kernel, dtype),
-                _pack_int4(unsigned & 15, scale, (8 - zero) * scale, self._group, kernel, dtype),
-            )
+                _pack_int4(unsigned, scale * 16, torch.zeros_like(scale), self._group, kernel, dtype,
+                           nibbles=lambda rows: (rows ^ 0x80) >> 4),
+                _pack_int4(unsigned, scale, (8 - zero) * scale, self._group, kernel, dtype,
+                           nibbles=lambda rows: rows & 15),
+            )  # fmt: skip
             return
         if kernel == "int8pack" and device.type == "cpu" and _misaligned(codes):
             codes = codes.clone()

@@ -176,8 +176,8 @@ def from_pretrained(
     keys = _KeyMapper(model, reader.tensors)
     candidates = _candidates(model)
     applied, units = _assign(spec, model, candidates, keys, context)
-    no_place = _check_fit(model, keys, reader, {name for unit in units for name in unit.context.modules}, pre_quantized)
-    _report_unexpected(sorted(no_place), allow_unexpected, reader)
+    if not pre_quantized:  # every tensor is full precision: checked against the skeleton before anything else
+        no_place = _check_headers(model, keys, reader, units, pre_quantized, allow_unexpected)
     calibrating = [unit for unit in units if unit.config.needs_calibration and not pre_quantized]
     if calibrating:
         from qcore import calibration as calibrate
@@ -221,6 +221,11 @@ def from_pretrained(
     for unit in units:
         _run("preprocess_model", unit.registered, None, config=unit.config, context=unit.context, model=model)
     _check_left_for_calibration(model, calibrating, keys)
+    taken = _taken(units)
+    if pre_quantized:
+        # A backend may hold a module in its stored form that it takes only now (a tied embedding kept quantized):
+        # the headers are checked once every owner is known, still before any tensor is read.
+        no_place = _check_headers(model, keys, reader, units, pre_quantized, allow_unexpected)
 
     # Phase 4: stream every tensor through its owner (by decoder block, for a calibrating load).
     keys.modules = dict(model.named_modules())  # preprocess_model replaced some
@@ -231,7 +236,7 @@ def from_pretrained(
     else:
         unexpected = _stream(model, reader, keys, owner_of, context, counter, skip=no_place)
     _report_unexpected(unexpected, allow_unexpected, reader)
-    model.tie_weights()
+    _tie_weights(model, taken)
 
     # Phase 5: finish.
     for unit in units:
@@ -239,7 +244,7 @@ def from_pretrained(
         _run("postprocess", unit.registered, None, config=unit.config, context=unit.context, model=model)
     _check_missing(model, reader)
 
-    _mark_quantized(model, spec, applied, candidates, context)
+    _mark_quantized(model, spec, applied, candidates, context, taken)
     # Phase 6: kernels.
     for unit in units:
         _run("optimize_runtime", unit.registered, None, config=unit.config, context=unit.context, model=model)
@@ -994,6 +999,38 @@ def _stream(
     return unexpected
 
 
+def _taken(units: list[_Unit]) -> dict[str, QuantConfig]:
+    """Module -> config for the modules backends took in ``preprocess_model`` (``LoadContext.take``), each once."""
+    taken: dict[str, QuantConfig] = {}
+    for unit in units:
+        for name in unit.context.taken:
+            others = [u.name for u in units if u is not unit and name in u.context.modules]
+            if others:
+                wrong = ValueError(f"took module {name!r}, which {others[0]} owns")
+                raise PluginError(unit.name, "preprocess_model", name, wrong)
+            taken[name] = unit.config
+    return taken
+
+
+def _tie_weights(model: nn.Module, taken: Mapping[str, QuantConfig]) -> None:
+    """transformers' ``tie_weights``, leaving out the pairs a backend took (it ties those itself: a quantized module
+    has no plain weight to share)."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if not taken or not tied:
+        model.tie_weights()
+        return
+
+    def module_of(key: str) -> str:
+        return key.rpartition(".")[0]
+
+    kept = {t: s for t, s in tied.items() if module_of(t) not in taken and module_of(s) not in taken}
+    model.all_tied_weights_keys = kept
+    try:
+        model.tie_weights(recompute_mapping=False)
+    finally:
+        model.all_tied_weights_keys = tied
+
+
 def _check_left_for_calibration(model: nn.Module, calibrating: list[_Unit], keys: _KeyMapper) -> None:
     """A calibrating backend must leave its modules to the core in ``preprocess_model``: they receive full-precision
     weights, which only the skeleton's own ``nn.Linear``/``Conv1D`` can hold."""
@@ -1117,6 +1154,12 @@ class _HeapRelease:
 _FLOATING = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E8M0"})
 
 
+def _check_headers(model, keys, reader, units, pre_quantized: bool, allow_unexpected: bool) -> set[str]:
+    no_place = _check_fit(model, keys, reader, {name for unit in units for name in unit.context.modules}, pre_quantized)
+    _report_unexpected(sorted(no_place), allow_unexpected, reader)
+    return no_place
+
+
 def _check_fit(
     model: nn.Module, keys: _KeyMapper, reader: CheckpointSource, owned: set[str], pre_quantized: bool
 ) -> set[str]:
@@ -1236,9 +1279,19 @@ def _check_missing(model: nn.Module, reader: CheckpointSource) -> None:
 
 
 def _mark_quantized(
-    model, spec: Recipe | None, applied: Mapping[str, QuantConfig], candidates: list[str], context: LoadContext
+    model,
+    spec: Recipe | None,
+    applied: Mapping[str, QuantConfig],
+    candidates: list[str],
+    context: LoadContext,
+    taken: Mapping[str, QuantConfig] | None = None,
 ) -> None:
-    """Record what was applied, where transformers and the ecosystem (PEFT, Trainer) look for it."""
+    """Record what was applied, where transformers and the ecosystem (PEFT, Trainer) look for it.
+
+    ``taken`` (modules backends took beyond their assignment) join ``model.qcore_applied``, so dequantize and
+    convert reach them, but not the saved config: a reload assigns modules from the config, and the backend takes
+    the same modules again.
+    """
     model.qcore_kernels = context.kernels
     model.qcore_fallbacks = context.fallbacks
     # A fallback that kept a module in full precision leaves it out of what was applied, so the saved config's skip
@@ -1256,7 +1309,7 @@ def _mark_quantized(
 
     plain = _as_plain_config(spec, model, applied, candidates)
     quant_dict = plain.to_dict() if plain is not None else spec.to_dict(applied)
-    model.qcore_applied = dict(applied)
+    model.qcore_applied = {**applied, **(taken or {})}
     for module in model.modules():
         if hasattr(module, "config") and hasattr(module.config, "to_dict"):
             module.config.quantization_config = quant_dict

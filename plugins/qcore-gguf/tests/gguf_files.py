@@ -33,7 +33,10 @@ SHAPE = dict(
     hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     max_position_embeddings=128,
 )  # fmt: skip
-MERGES = ["Ġ t", "h e", "i n", "Ġt he"]
+#: 16 merges: a vocabulary of 272 rows, so a tied table runs the CPU int4 kernel (rows in multiples of 16) with
+#: full 64-row blocks of its layout and a 16-row tail.
+MERGES = ["Ġ t", "h e", "i n", "Ġt he", "Ġ a", "o n", "e r", "a n", "Ġ s", "r e", "Ġ w", "o r", "e n", "Ġ c", "a t",
+          "Ġ o"]  # fmt: skip
 VOCAB = 256 + len(MERGES)
 HAND_MADE = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 #: Byte offsets of the half-precision scales in each hand-made block type (the rest of a block is any bytes).

@@ -232,3 +232,53 @@ def test_plain_modules_are_not_gguf_layers(gguf_file):
     model = qcore.from_pretrained(gguf_file("gemma2", "Q4_0"))
     assert isinstance(model.model.embed_tokens, nn.Embedding)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied, as in the file
+
+
+@pytest.mark.parametrize("type_name", KERNEL_TYPES)
+@pytest.mark.parametrize("arch", ["qwen3", "gpt2"])
+def test_a_tied_embedding_stays_quantized_once_and_its_head_runs_on_the_kernel(
+    gguf_file, transformers_load, logits_of, tmp_path, arch, type_name
+):
+    from qcore_gguf.layers import GgufEmbedding
+    from safetensors.torch import load_file
+
+    path = gguf_file(arch, type_name)
+    reference = transformers_load(path)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = qcore.from_pretrained(path, dtype=dtype)
+        table, head = model.get_input_embeddings(), model.get_output_embeddings()
+        assert isinstance(table, GgufEmbedding) and type(head) is GgufLinear
+        assert head.packed is table.packed is not None  # one copy of the table, on the kernel layer
+        file_bytes = blocks.row_bytes(type_name, table.embedding_dim) * table.num_embeddings
+        assert table.packed.nbytes <= 1.35 * file_bytes
+        assert table.packed.kernel == ("int4pack-cpu" if dtype == torch.bfloat16 else "dequantize")
+        ids = torch.arange(table.num_embeddings).reshape(-1, 16)  # every row, through the kernel layout
+        assert torch.equal(table(ids), reference.get_input_embeddings()(ids).to(dtype))
+    if type_name != "Q4_1":  # Q4_1's d * q + m, rewritten for the kernel, moves weights by float rounding
+        assert torch.equal(table.packed.dequantize(), reference.get_output_embeddings().weight)
+    assert_matches(logits_of(qcore.from_pretrained(path, dtype=torch.float32)), logits_of(reference), type_name)
+
+    expected = logits_of(model)  # bfloat16, the int4 kernel
+    qcore.save_pretrained(model, tmp_path / "saved")
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    embedding_name = next(name for name, module in model.named_modules() if module is table)
+    assert saved[f"{embedding_name}.weight"].dtype == torch.uint8
+    assert not [key for key in saved if key.startswith("lm_head.")]  # the head is the table, saved once
+    stored = next(t for t in gguf.GGUFReader(path).tensors if t.name == "token_embd.weight")
+    assert np.array_equal(saved[f"{embedding_name}.weight"].numpy(), stored.data)
+    reloaded = qcore.from_pretrained(tmp_path / "saved")
+    assert reloaded.get_output_embeddings().packed is reloaded.get_input_embeddings().packed
+    assert torch.equal(logits_of(reloaded), expected)
+
+    dense = qcore.dequantize(qcore.from_pretrained(path, dtype=torch.float32))
+    assert type(dense.get_input_embeddings()) is nn.Embedding and type(dense.get_output_embeddings()) is nn.Linear
+    assert dense.get_output_embeddings().weight is dense.get_input_embeddings().weight  # tied again
+    assert torch.equal(dense.get_input_embeddings().weight, reference.get_input_embeddings().weight)
+    assert torch.equal(logits_of(dense), logits_of(reference))
+
+
+def test_a_tied_table_in_a_type_without_kernel_stays_a_plain_embedding(gguf_file, transformers_load):
+    """A Q4_K (or Q6_K) table's head would decode the whole table in each forward: it is dequantized once."""
+    model = qcore.from_pretrained(gguf_file("qwen3", "Q4_K"), dtype=torch.float32)
+    assert type(model.get_input_embeddings()) is nn.Embedding
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight

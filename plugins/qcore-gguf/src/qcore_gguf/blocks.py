@@ -186,7 +186,9 @@ def from_int_form(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor |
     packed = nibbles[:, 0] | (nibbles[:, 1] << 4)
     if type_name == "Q4_0":
         return torch.cat([d, packed], dim=1).reshape(rows, -1)
-    minimum = (-zero.reshape(-1, 1).float() * scale.reshape(-1, 1).float()).to(torch.float16).view(torch.uint8)
+    # 0 - zero * d, not -(zero * d): an all-zero block (a padding token's row) has m = +0, which negation would
+    # turn into -0, another byte pattern.
+    minimum = (0.0 - zero.reshape(-1, 1).float() * scale.reshape(-1, 1).float()).to(torch.float16).view(torch.uint8)
     return torch.cat([d, minimum, packed], dim=1).reshape(rows, -1)
 
 

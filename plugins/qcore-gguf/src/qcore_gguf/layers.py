@@ -10,6 +10,11 @@ Saved layout (safetensors, no pickle), per module:
 * ``weight_type``: uint8 scalar, the ggml type id (``GGMLQuantizationType``: 2 = Q4_0, 12 = Q4_K, ...).
 * ``bias``: in the model dtype, when the module has one.
 
+A tied input embedding stored in Q4_0, Q4_1 or Q8_0 (llama.cpp's small models keep it in Q8_0) becomes a
+``GgufEmbedding``, the same blocks read row by row, and the output layer it is tied to a ``GgufLinear`` sharing its
+kernel-layer weight: the table is held once, quantized, and the head runs on the kernel layer. Only the embedding is
+saved (``weight`` and ``weight_type`` under its name, as above); the head, like a tied head in transformers, is not.
+
 Q4_0, Q4_1 and Q8_0 are group-32 integers, so their blocks become a ``qcore.kernels`` weight in phase 4 (the file's
 bytes are then dropped, and ``state_dict()`` re-encodes the identical bytes from the kernel's exact codes and
 statistics); every other type is dequantized from its blocks in each forward.
@@ -23,7 +28,7 @@ from torch import nn
 
 from qcore_gguf import blocks
 
-__all__ = ["GgufLinear"]
+__all__ = ["GgufLinear", "GgufEmbedding"]
 
 
 class GgufLinear(nn.Module):
@@ -41,6 +46,8 @@ class GgufLinear(nn.Module):
         #: The block type's name, and the kernel-layer weight that replaces the blocks of Q4_0/Q4_1/Q8_0.
         self.type_name = ""
         self.packed = None
+        #: The embedding this output layer is tied to (it then holds and saves nothing of its own).
+        self.tied_to: GgufEmbedding | None = None
 
     @classmethod
     def replacing(cls, module: nn.Module, dtype: torch.dtype) -> GgufLinear:
@@ -60,7 +67,7 @@ class GgufLinear(nn.Module):
             kind = Int8Weight if type_name == "Q8_0" else Int4Weight
             # The GGUF scale is a half, kept as one: exact, and half the memory of float32.
             candidate = kind.from_codes(codes, scale.to(torch.float16), zero, group_size=32)
-            if torch.equal(self._encode(candidate, type_name).cpu(), rows.cpu()):
+            if self._encodes_to(candidate, type_name, rows):
                 packed = candidate
         return {
             "weight": None if packed is not None else nn.Parameter(rows.to(device), requires_grad=False),
@@ -69,9 +76,29 @@ class GgufLinear(nn.Module):
             "packed": packed,
         }
 
+    def tie_to(self, embedding: GgufEmbedding) -> None:
+        """Compute with ``embedding``'s table (its ``[num_embeddings, embedding_dim]`` is this layer's weight)."""
+        object.__setattr__(self, "tied_to", embedding)  # a reference, not a submodule (saved and listed once)
+        self.weight, self.weight_type, self.type_name, self.packed = (
+            embedding.weight, embedding.weight_type, embedding.type_name, embedding.packed
+        )  # fmt: skip
+
     @staticmethod
     def _encode(packed, type_name: str) -> torch.Tensor:
         return blocks.from_int_form(packed.codes(), packed.scale, packed.zero, type_name)
+
+    @staticmethod
+    def _encodes_to(packed, type_name: str, rows: torch.Tensor) -> bool:
+        """Whether ``packed`` re-encodes to exactly ``rows``, checked a slice of rows at a time (a 49k-row table
+        would otherwise be encoded whole beside its codes)."""
+        codes, zero, step = packed.codes(), packed.zero, max(1, 2**22 // max(1, rows.shape[1]))
+        for start in range(0, rows.shape[0], step):
+            part = slice(start, start + step)
+            encoded = blocks.from_int_form(codes[part], packed.scale[part], None if zero is None else zero[part],
+                                           type_name)  # fmt: skip
+            if not torch.equal(encoded.cpu(), rows[part].cpu()):
+                return False
+        return True
 
     def blocks(self) -> torch.Tensor:
         """The GGUF blocks of the weight, ``[out_features, bytes_per_row]`` uint8, exactly as stored."""
@@ -87,6 +114,8 @@ class GgufLinear(nn.Module):
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.tied_to is not None:
+            return  # the embedding saves the table
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.packed is not None:
             destination[prefix + "weight"] = self.blocks()
@@ -97,3 +126,41 @@ class GgufLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"type={self.type_name}, kernel={kernel}"
         )
+
+
+class GgufEmbedding(GgufLinear):
+    """``nn.Embedding`` with its table held as GGUF blocks (or their kernel-layer weight), decoded row by row.
+
+    The table ``[num_embeddings, embedding_dim]`` is laid out as a Linear weight ``[out, in]``, the layout of the
+    output layer tied to it, so one weight serves both: a lookup re-encodes the blocks of the rows it reads from the
+    exact codes and decodes them as the gguf package does (the values of transformers' dequantized table, bit for
+    bit), and the head multiplies by the whole table on the kernel layer.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, dtype: torch.dtype):
+        super().__init__(embedding_dim, num_embeddings, bias=False, dtype=dtype, transposed=False)
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        #: The dtype of the looked-up vectors (the model's), as nn.Embedding's table has.
+        self.output_dtype = dtype
+
+    @classmethod
+    def replacing(cls, module: nn.Module, dtype: torch.dtype) -> GgufEmbedding:
+        return cls(module.num_embeddings, module.embedding_dim, module.padding_idx, dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        table = self.packed.device if self.packed is not None else self.weight.device
+        rows = input_ids.reshape(-1).to(table)
+        if self.packed is not None:
+            zero = self.packed.zero
+            row_blocks = blocks.from_int_form(
+                self.packed.row_codes(rows), self.packed.scale[rows], None if zero is None else zero[rows],
+                self.type_name,
+            )  # fmt: skip
+        else:
+            row_blocks = self.weight[rows]
+        values = blocks.dequantize(row_blocks, self.type_name, self.output_dtype)
+        return values.reshape(*input_ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        kernel = self.packed.kernel if self.packed is not None else "dequantize"
+        return f"{self.num_embeddings}, {self.embedding_dim}, type={self.type_name}, kernel={kernel} (tied head)"

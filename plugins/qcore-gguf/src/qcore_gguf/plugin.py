@@ -2,13 +2,15 @@
 
     reader             ``.gguf`` files -> :class:`~qcore_gguf.reader.GgufReader` (header checked, names mapped)
     validate           gguf is importable; quantizing on the fly, ``weight_type`` is one the gguf package writes
-    preprocess_model   each owned Linear/Conv1D -> an empty GgufLinear on meta
+    preprocess_model   each owned Linear/Conv1D -> an empty GgufLinear on meta; a tied embedding stored in
+                       Q4_0/Q4_1/Q8_0 -> a GgufEmbedding, its head a GgufLinear (both taken from the core)
     load_weight        check the stored blocks (or quantize a float weight with gguf.quants) and fill the module;
                        Q4_0/Q4_1/Q8_0 become qcore.kernels weights, the other types keep their blocks
+    postprocess        tie the head to the embedding's weight
     optimize_runtime   pick each kernel-layer weight's kernel and report what runs
     dequantize_module  the module's GGUF values, for qcore.dequantize and qcore convert
 
-update_device_map and postprocess are not needed: every device can dequantize, and nothing is deferred.
+update_device_map is not needed: every device can dequantize.
 
 This module is the entry point (``qcore`` group, name ``gguf``): importing it imports neither torch nor gguf.
 """
@@ -28,8 +30,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 __all__ = [
-    "register_backend", "open_gguf", "validate", "preprocess_model", "load_weight", "optimize_runtime",
-    "dequantize_module",
+    "register_backend", "open_gguf", "validate", "preprocess_model", "load_weight", "postprocess",
+    "optimize_runtime", "dequantize_module",
 ]  # fmt: skip
 
 
@@ -81,12 +83,48 @@ def validate(config: GgufConfig, context: qcore.LoadContext) -> None:
 def preprocess_model(config: GgufConfig, context: qcore.LoadContext, model: PreTrainedModel) -> None:
     import torch
 
-    from qcore_gguf.layers import GgufLinear
+    from qcore_gguf.layers import GgufEmbedding, GgufLinear
 
-    for name in context.modules:
+    tied = _tied_embedding(context, model)
+    if tied is not None:
+        embedding, head = tied
+        context.take(embedding)
+        context.take(head)
         with torch.device("meta"):
-            layer = GgufLinear.replacing(model.get_submodule(name), context.dtype)
-        model.set_submodule(name, layer)
+            model.set_submodule(embedding, GgufEmbedding.replacing(model.get_submodule(embedding), context.dtype))
+    for name in context.modules:
+        if tied is None or name != tied[0]:
+            with torch.device("meta"):
+                layer = GgufLinear.replacing(model.get_submodule(name), context.dtype)
+            model.set_submodule(name, layer)
+
+
+#: Block types a tied head runs on the kernel layer; a tied table in another type stays a dequantized nn.Embedding
+#: (its head would decode the whole table in every forward).
+_TIED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+
+
+def _tied_embedding(context: qcore.LoadContext, model: PreTrainedModel) -> tuple[str, str] | None:
+    """(embedding, head) module names when the model's input embedding is tied to its output layer and stored as
+    blocks a kernel runs: a GGUF file's Q4_0/Q4_1/Q8_0 ``token_embd``, or a saved GgufEmbedding."""
+    from torch import nn
+
+    if not context.pre_quantized:
+        return None
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if type(embedding) is not nn.Embedding or type(head) is not nn.Linear or head.bias is not None:
+        return None  # a scaled embedding (Gemma) or a head with a bias computes more than the table
+    names = {id(module): name for name, module in model.named_modules()}
+    embedding_name, head_name = names.get(id(embedding)), names.get(id(head))
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    if tied.get(f"{head_name}.weight") != f"{embedding_name}.weight" or head_name in context.modules:
+        return None
+    tensors = context.checkpoint.tensors
+    saved = f"{embedding_name}.weight_type" in tensors  # a GgufEmbedding saved by qcore
+    info = tensors.get(f"{embedding_name}.weight")
+    if info is None or not (saved or info.dtype in _TIED_TYPES):
+        return None
+    return embedding_name, head_name
 
 
 @qcore.hookimpl
@@ -98,7 +136,7 @@ def load_weight(
     tensor_name: str,
     tensor: torch.Tensor,
 ) -> dict[str, Any] | None:
-    from qcore_gguf.layers import GgufLinear
+    from qcore_gguf.layers import GgufEmbedding, GgufLinear
 
     layer = model.get_submodule(module_name)
     if not isinstance(layer, GgufLinear) or tensor_name == "bias":
@@ -112,7 +150,24 @@ def load_weight(
     if stored is None:
         return {}
     rows, type_name = _stored_blocks(layer, module_name, stored, context)
-    return layer.filled(rows, type_name, context.device_for(module_name))
+    filled = layer.filled(rows, type_name, context.device_for(module_name))
+    if isinstance(layer, GgufEmbedding) and filled["packed"] is not None:
+        # The table (the largest weight) is repacked for its kernel as it arrives, while little else is held: in
+        # phase 6 its codes and their repacked copy would be in memory beside every other layer (+60 MiB of peak
+        # on a 135M model).
+        _select_kernel(filled["packed"], layer, context.dtype)
+    return filled
+
+
+def _select_kernel(packed, layer, dtype) -> None:
+    from qcore_gguf.layers import GgufEmbedding
+
+    # A table's lookups read rows of codes, which every CPU kernel keeps row by row; elsewhere (CUDA's tinygemm
+    # interleaves rows) it keeps its plain codes and its head dequantizes in each forward.
+    cpu = packed.device.type == "cpu"
+    packed.select(
+        packed.device, dtype, batch_hint=1, kernel=None if cpu or not isinstance(layer, GgufEmbedding) else "dequantize"
+    )
 
 
 def _stored_blocks(layer, module_name: str, stored: dict[str, Any], context: qcore.LoadContext):
@@ -174,6 +229,17 @@ def _quantize(layer, module_name: str, tensor: torch.Tensor, type_name: str, con
 
 
 @qcore.hookimpl
+def postprocess(config: GgufConfig, context: qcore.LoadContext, model: PreTrainedModel) -> None:
+    from qcore_gguf.layers import GgufEmbedding, GgufLinear
+
+    taken = [model.get_submodule(name) for name in context.taken]
+    embedding = next((m for m in taken if isinstance(m, GgufEmbedding)), None)
+    for head in taken:
+        if embedding is not None and type(head) is GgufLinear:
+            head.tie_to(embedding)
+
+
+@qcore.hookimpl
 def optimize_runtime(config: GgufConfig, context: qcore.LoadContext, model: PreTrainedModel) -> None:
     from qcore_gguf.environment import summarize
     from qcore_gguf.layers import GgufLinear
@@ -181,8 +247,9 @@ def optimize_runtime(config: GgufConfig, context: qcore.LoadContext, model: PreT
     # select() returns each repack's int32 temporaries to the system itself (qcore.memory.release_heap).
     layers = [model.get_submodule(name) for name in context.modules]
     for layer in layers:
-        if isinstance(layer, GgufLinear) and layer.packed is not None:
-            layer.packed.select(layer.packed.device, context.dtype, batch_hint=1)
+        # A table and its tied head were given their kernel in load_weight.
+        if type(layer) is GgufLinear and layer.packed is not None and layer.tied_to is None:
+            _select_kernel(layer.packed, layer, context.dtype)
     context.report_kernel(summarize(layer for layer in layers if isinstance(layer, GgufLinear)))
 
 
@@ -194,7 +261,7 @@ def dequantize_module(
 
     if not isinstance(module, GgufLinear):
         return None
-    weight = module.dequantize(dtype)
+    weight = module.dequantize(dtype)  # a GgufEmbedding's table, or a tied head's (qcore.dequantize re-ties it)
     tensors = {"weight": weight.T.contiguous() if module.transposed else weight}
     if module.bias is not None:
         tensors["bias"] = module.bias.detach().to(dtype)
