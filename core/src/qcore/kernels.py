@@ -362,8 +362,9 @@ def _pack_int4(
     if kernel == "int4pack-cpu":
         # The CPU layout stores blocks of 64 rows one after another, so packing whole blocks a slice at a time gives
         # the same bytes while the kernel's int32 input (4 bytes a weight) stays a few MiB for any weight.
-        step = max(64, _PACK_ROWS_ELEMENTS // max(1, codes.shape[1]) // 64 * 64)
-        packed = torch.empty(codes.shape[0], codes.shape[1] // 2, dtype=torch.uint8, device=codes.device)
+        width = nibbles(codes[:1]).shape[1]  # K: ``nibbles`` may widen what it is given
+        step = max(64, _PACK_ROWS_ELEMENTS // max(1, width) // 64 * 64)
+        packed = torch.empty(codes.shape[0], width // 2, dtype=torch.uint8, device=codes.device)
         for start in range(0, codes.shape[0], step):
             rows = nibbles(codes[start : start + step]).to(torch.int32)
             packed[start : start + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows, 1)
@@ -562,16 +563,20 @@ class Int4Weight(PackedWeight):
         return [("dequantize", None), int4] if _int4_is_slow(device, dtype) else [int4, ("dequantize", None)]
 
     def _repack(self, kernel, device, dtype):
-        codes = self.codes().to(device)
         self.scale = self.scale.to(device)
         self.zero = None if self.zero is None else self.zero.to(device)
-        if kernel == "dequantize":
-            self._nibbles, self._halves = _nibbles(codes), None
-            return
+        if kernel == "dequantize" or self._nibbles is None:
+            codes = self.codes().to(device)
+            if kernel == "dequantize":
+                self._nibbles, self._halves = _nibbles(codes), None
+                return
+            source, unpack = codes, None
+        else:  # from the two-a-byte codes, unpacked a slice of rows at a time (a full uint8 copy is 2x the weight)
+            source, unpack = self._nibbles.to(device), _from_nibbles
         scale = self.scale.to(torch.float32)
         zero_term = (8 - self.zero.to(torch.float32)) * scale if self.zero is not None else torch.zeros_like(scale)
         self._nibbles = None
-        self._halves = _pack_int4(codes, scale, zero_term, self.group_size, kernel, dtype)
+        self._halves = _pack_int4(source, scale, zero_term, self.group_size, kernel, dtype, nibbles=unpack)
 
     def _kernel_matmul(self, rows):
         return self._halves.matmul(rows)

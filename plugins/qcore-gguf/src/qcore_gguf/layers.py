@@ -91,10 +91,11 @@ class GgufLinear(nn.Module):
     def _encodes_to(packed, type_name: str, rows: torch.Tensor) -> bool:
         """Whether ``packed`` re-encodes to exactly ``rows``, checked a slice of rows at a time (a 49k-row table
         would otherwise be encoded whole beside its codes)."""
-        codes, zero, step = packed.codes(), packed.zero, max(1, 2**22 // max(1, rows.shape[1]))
+        zero, step = packed.zero, max(1, 2**22 // max(1, rows.shape[1]))
         for start in range(0, rows.shape[0], step):
             part = slice(start, start + step)
-            encoded = blocks.from_int_form(codes[part], packed.scale[part], None if zero is None else zero[part],
+            codes = packed.row_codes(torch.arange(start, min(start + step, rows.shape[0])))
+            encoded = blocks.from_int_form(codes, packed.scale[part], None if zero is None else zero[part],
                                            type_name)  # fmt: skip
             if not torch.equal(encoded.cpu(), rows[part].cpu()):
                 return False
