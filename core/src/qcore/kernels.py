@@ -77,7 +77,7 @@ KERNELS = {
 _INT4_GROUPS = (256, 128, 64, 32)
 #: torch's CPU int4 layout packs output rows in blocks of 16 (a tail block of 16/32/48 rows included).
 _CPU_INT4_ROWS = 16
-#: Codes packed for the CPU int4 kernel per call (then concatenated): bounds the int32 temporary at 8 MiB.
+#: Codes packed for the CPU int4 kernel per call, into one preallocated tensor: bounds the int32 temporary at 8 MiB.
 _PACK_ROWS_ELEMENTS = 2**21
 #: tinygemm tiles the output in 8 rows and the input in 16 x innerKTiles columns.
 _CUDA_INT4_ROWS = 8
@@ -551,9 +551,10 @@ class Int4Weight(PackedWeight):
         return _from_nibbles(self._nibbles)
 
     def row_codes(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(self.device)
         if self._halves is not None:
             return self._halves.row_codes(rows, self.out_features, self.in_features)
-        return _from_nibbles(self._nibbles[rows.to(self.device)])
+        return _from_nibbles(self._nibbles[rows])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return _affine(self.codes(), self.scale, self.zero, 8, self.group_size, dtype)
@@ -565,14 +566,14 @@ class Int4Weight(PackedWeight):
     def _repack(self, kernel, device, dtype):
         self.scale = self.scale.to(device)
         self.zero = None if self.zero is None else self.zero.to(device)
-        if kernel == "dequantize" or self._nibbles is None:
-            codes = self.codes().to(device)
-            if kernel == "dequantize":
-                self._nibbles, self._halves = _nibbles(codes), None
-                return
-            source, unpack = codes, None
-        else:  # from the two-a-byte codes, unpacked a slice of rows at a time (a full uint8 copy is 2x the weight)
-            source, unpack = self._nibbles.to(device), _from_nibbles
+        # Two codes a byte, as held before any kernel: packed from that form, a slice of rows at a time (a full
+        # uint8 copy of the codes is twice the weight); from a kernel's layout, unpacked first.
+        nibbles = self._nibbles.to(device) if self._nibbles is not None else None
+        if kernel == "dequantize":
+            self._nibbles = nibbles if nibbles is not None else _nibbles(self.codes().to(device))
+            self._halves = None
+            return
+        source, unpack = (nibbles, _from_nibbles) if nibbles is not None else (self.codes().to(device), None)
         scale = self.scale.to(torch.float32)
         zero_term = (8 - self.zero.to(torch.float32)) * scale if self.zero is not None else torch.zeros_like(scale)
         self._nibbles = None
@@ -649,17 +650,16 @@ class Int8Weight(PackedWeight):
 
     def codes(self) -> torch.Tensor:
         if self._halves is not None:
-            high = self._halves[0].codes(self.out_features, self.in_features).to(torch.int16)
-            low = self._halves[1].codes(self.out_features, self.in_features).to(torch.int16)
-            return (high * 16 + low - 128).to(torch.int8)
+            high, low = (half.codes(self.out_features, self.in_features) for half in self._halves)
+            return _from_halves(high, low)
         return self._codes
 
     def row_codes(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(self.device)
         if self._halves is not None:
-            high = self._halves[0].row_codes(rows, self.out_features, self.in_features).to(torch.int16)
-            low = self._halves[1].row_codes(rows, self.out_features, self.in_features).to(torch.int16)
-            return (high * 16 + low - 128).to(torch.int8)
-        return self._codes[rows.to(self.device)]
+            high, low = (half.row_codes(rows, self.out_features, self.in_features) for half in self._halves)
+            return _from_halves(high, low)
+        return self._codes[rows]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return _affine(self.codes(), self.scale, self.zero, 0, self._group, dtype)
@@ -724,6 +724,11 @@ class Int8Weight(PackedWeight):
         for half in self._halves or ():
             held += half.tensors()
         return held
+
+
+def _from_halves(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """int8 codes from the nibbles of ``q + 128`` (``16 * high + low``), as two int4 halves hold them."""
+    return (high.to(torch.int16) * 16 + low.to(torch.int16) - 128).to(torch.int8)
 
 
 def _int8pack_refusal(weight: Int8Weight, device: torch.device, dtype: torch.dtype) -> str | None:

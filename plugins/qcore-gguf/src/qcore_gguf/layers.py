@@ -88,16 +88,20 @@ class GgufLinear(nn.Module):
         return blocks.from_int_form(packed.codes(), packed.scale, packed.zero, type_name)
 
     @staticmethod
-    def _encodes_to(packed, type_name: str, rows: torch.Tensor) -> bool:
+    def _encode_rows(packed, type_name: str, rows: torch.Tensor) -> torch.Tensor:
+        """The GGUF blocks of output rows ``rows`` (an index tensor), from the kernel weight's exact codes."""
+        rows = rows.to(packed.device)
+        zero = None if packed.zero is None else packed.zero[rows]
+        return blocks.from_int_form(packed.row_codes(rows), packed.scale[rows], zero, type_name)
+
+    @classmethod
+    def _encodes_to(cls, packed, type_name: str, rows: torch.Tensor) -> bool:
         """Whether ``packed`` re-encodes to exactly ``rows``, checked a slice of rows at a time (a 49k-row table
         would otherwise be encoded whole beside its codes)."""
-        zero, step = packed.zero, max(1, 2**22 // max(1, rows.shape[1]))
+        step = max(1, 2**22 // max(1, rows.shape[1]))
         for start in range(0, rows.shape[0], step):
-            part = slice(start, start + step)
-            codes = packed.row_codes(torch.arange(start, min(start + step, rows.shape[0])))
-            encoded = blocks.from_int_form(codes, packed.scale[part], None if zero is None else zero[part],
-                                           type_name)  # fmt: skip
-            if not torch.equal(encoded.cpu(), rows[part].cpu()):
+            encoded = cls._encode_rows(packed, type_name, torch.arange(start, min(start + step, rows.shape[0])))
+            if not torch.equal(encoded.cpu(), rows[start : start + step].cpu()):
                 return False
         return True
 
@@ -152,11 +156,7 @@ class GgufEmbedding(GgufLinear):
         table = self.packed.device if self.packed is not None else self.weight.device
         rows = input_ids.reshape(-1).to(table)
         if self.packed is not None:
-            zero = self.packed.zero
-            row_blocks = blocks.from_int_form(
-                self.packed.row_codes(rows), self.packed.scale[rows], None if zero is None else zero[rows],
-                self.type_name,
-            )  # fmt: skip
+            row_blocks = self._encode_rows(self.packed, self.type_name, rows)
         else:
             row_blocks = self.weight[rows]
         values = blocks.dequantize(row_blocks, self.type_name, self.output_dtype)
