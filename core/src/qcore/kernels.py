@@ -385,9 +385,14 @@ def _inner_k_tiles(in_features: int) -> int | None:
 
 
 def _nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Codes 0..15 ``[N, K]`` (K even) stored two per byte, the even column in the low nibble."""
-    codes = codes.to(torch.uint8)
-    return codes[:, ::2] | (codes[:, 1::2] << 4)
+    """Codes 0..15 ``[N, K]`` (K even) stored two per byte, the even column in the low nibble; made a slice of rows
+    at a time, so the temporaries stay a few MiB beside the codes of a large weight."""
+    packed = torch.empty(codes.shape[0], codes.shape[1] // 2, dtype=torch.uint8, device=codes.device)
+    step = max(1, _PACK_ROWS_ELEMENTS // max(1, codes.shape[1]))
+    for start in range(0, codes.shape[0], step):
+        part = codes[start : start + step].to(torch.uint8)
+        torch.bitwise_or(part[:, ::2], part[:, 1::2] << 4, out=packed[start : start + step])
+    return packed
 
 
 def _from_nibbles(packed: torch.Tensor) -> torch.Tensor:

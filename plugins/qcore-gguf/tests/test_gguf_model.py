@@ -38,7 +38,7 @@ def relative(result: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def gguf_layers(model) -> list[GgufLinear]:
-    return [m for m in model.modules() if isinstance(m, GgufLinear)]
+    return [m for m in model.modules() if type(m) is GgufLinear]  # Linear layers, not a GgufEmbedding table
 
 
 def assert_matches(result: torch.Tensor, reference: torch.Tensor, type_name: str) -> None:
@@ -103,7 +103,9 @@ def test_kernels_in_bfloat16_stay_within_rounding(gguf_file, transformers_load, 
 
 
 @pytest.mark.parametrize("type_name", ["Q4_1", "Q4_K"])
-def test_linear_weights_stay_quantized_and_the_rest_is_dequantized(gguf_file, transformers_load, type_name):
+def test_linear_weights_and_the_table_stay_quantized_and_the_rest_is_dequantized(
+    gguf_file, transformers_load, type_name
+):
     path = gguf_file("llama", type_name)
     model = qcore.from_pretrained(path, dtype=torch.float32)
     reference = transformers_load(path)
@@ -112,9 +114,15 @@ def test_linear_weights_stay_quantized_and_the_rest_is_dequantized(gguf_file, tr
         file_bytes = blocks.row_bytes(type_name, layer.in_features) * layer.out_features
         # Blocks are kept as stored; a kernel-layer weight adds its kernel copy of the scales (1.3x for Q4_1).
         assert held == file_bytes if layer.packed is None else held <= 1.35 * file_bytes
-    embeddings = model.model.embed_tokens.weight
-    assert embeddings.dtype == torch.float32
-    assert torch.equal(embeddings, reference.model.embed_tokens.weight)
+    # An untied table keeps the file's blocks, byte for byte; a lookup decodes only its rows, to transformers' values.
+    from qcore_gguf.layers import GgufEmbedding
+
+    table = model.model.embed_tokens
+    stored = next(t for t in gguf.GGUFReader(path).tensors if t.name == "token_embd.weight")
+    assert isinstance(table, GgufEmbedding) and table.packed is None and not table.ties_a_head
+    assert np.array_equal(table.weight.numpy(), stored.data)
+    ids = torch.arange(table.num_embeddings).reshape(-1, 16)
+    assert torch.equal(table(ids), reference.model.embed_tokens(ids))
     assert torch.equal(model.model.norm.weight, reference.model.norm.weight)
 
 

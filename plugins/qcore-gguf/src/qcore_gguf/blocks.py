@@ -166,7 +166,14 @@ def int_form(blocks: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.
     scale = _half(b, 0)
     if type_name == "Q8_0":
         return b[:, 2:].contiguous().view(torch.int8).reshape(rows, -1), scale.reshape(rows, -1), None
-    codes = _split(b[:, 4 if type_name == "Q4_1" else 2 :], (0, 4), 16, 0xF).reshape(rows, -1)
+    # Unpacked a slice of blocks at a time into the codes: the shift-and-mask temporaries of a whole 32000 x 1024
+    # weight would be twice its codes again.
+    start_byte = 4 if type_name == "Q4_1" else 2
+    codes = torch.empty(b.shape[0], 32, dtype=torch.uint8, device=b.device)
+    step = max(1, _CHUNK_BYTES // size)
+    for start in range(0, b.shape[0], step):
+        codes[start : start + step] = _split(b[start : start + step, start_byte:], (0, 4), 16, 0xF)
+    codes = codes.reshape(rows, -1)
     if type_name == "Q4_0":
         return codes, scale.reshape(rows, -1), None
     minimum = _half(b, 2)

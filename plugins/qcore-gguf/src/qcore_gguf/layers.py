@@ -56,12 +56,15 @@ class GgufLinear(nn.Module):
         in_features, out_features = module.weight.shape if transposed else module.weight.shape[::-1]
         return cls(in_features, out_features, module.bias is not None, dtype, transposed)
 
-    def filled(self, rows: torch.Tensor, type_name: str, device: torch.device) -> dict[str, object]:
-        """The attributes that hold ``rows`` (uint8 blocks, already checked) of type ``type_name`` on ``device``."""
+    def filled(
+        self, rows: torch.Tensor, type_name: str, device: torch.device, on_kernel: bool = True
+    ) -> dict[str, object]:
+        """The attributes that hold ``rows`` (uint8 blocks, already checked) of type ``type_name`` on ``device``;
+        with ``on_kernel`` false the blocks are kept as they are, whatever the type."""
         from qcore.kernels import Int4Weight, Int8Weight
 
         packed = None
-        form = blocks.int_form(rows.to(device), type_name)
+        form = blocks.int_form(rows.to(device), type_name) if on_kernel else None
         if form is not None:
             codes, scale, zero = form
             kind = Int8Weight if type_name == "Q8_0" else Int4Weight
@@ -147,6 +150,8 @@ class GgufEmbedding(GgufLinear):
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         #: The dtype of the looked-up vectors (the model's), as nn.Embedding's table has.
         self.output_dtype = dtype
+        #: Whether an output layer is tied to this table (then it is held on the kernel layer, for the head).
+        self.ties_a_head = False
 
     @classmethod
     def replacing(cls, module: nn.Module, dtype: torch.dtype) -> GgufEmbedding:
@@ -163,5 +168,6 @@ class GgufEmbedding(GgufLinear):
         return values.reshape(*input_ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        kernel = self.packed.kernel if self.packed is not None else "dequantize"
-        return f"{self.num_embeddings}, {self.embedding_dim}, type={self.type_name}, kernel={kernel} (tied head)"
+        held = f"kernel={self.packed.kernel}" if self.packed is not None else "blocks"
+        tied = ", tied head" if self.ties_a_head else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, type={self.type_name}, {held}{tied}"

@@ -2,8 +2,8 @@
 
     reader             ``.gguf`` files -> :class:`~qcore_gguf.reader.GgufReader` (header checked, names mapped)
     validate           gguf is importable; quantizing on the fly, ``weight_type`` is one the gguf package writes
-    preprocess_model   each owned Linear/Conv1D -> an empty GgufLinear on meta; a tied embedding stored in
-                       Q4_0/Q4_1/Q8_0 -> a GgufEmbedding, its head a GgufLinear (both taken from the core)
+    preprocess_model   each owned Linear/Conv1D -> an empty GgufLinear on meta; a quantized token embedding
+                       -> a GgufEmbedding, and a tied head (Q4_0/Q4_1/Q8_0) a GgufLinear (taken from the core)
     load_weight        check the stored blocks (or quantize a float weight with gguf.quants) and fill the module;
                        Q4_0/Q4_1/Q8_0 become qcore.kernels weights, the other types keep their blocks
     postprocess        tie the head to the embedding's weight
@@ -85,15 +85,18 @@ def preprocess_model(config: GgufConfig, context: qcore.LoadContext, model: PreT
 
     from qcore_gguf.layers import GgufEmbedding, GgufLinear
 
-    tied = _tied_embedding(context, model)
-    if tied is not None:
-        embedding, head = tied
-        context.take(embedding)
-        context.take(head)
+    table = _quantized_table(context, model)
+    if table is not None:
+        embedding, head = table
+        for name in (embedding, head):
+            if name is not None:
+                context.take(name)
         with torch.device("meta"):
-            model.set_submodule(embedding, GgufEmbedding.replacing(model.get_submodule(embedding), context.dtype))
+            layer = GgufEmbedding.replacing(model.get_submodule(embedding), context.dtype)
+        layer.ties_a_head = head is not None
+        model.set_submodule(embedding, layer)
     for name in context.modules:
-        if tied is None or name != tied[0]:
+        if table is None or name != table[0]:
             with torch.device("meta"):
                 layer = GgufLinear.replacing(model.get_submodule(name), context.dtype)
             model.set_submodule(name, layer)
@@ -104,27 +107,30 @@ def preprocess_model(config: GgufConfig, context: qcore.LoadContext, model: PreT
 _TIED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 
 
-def _tied_embedding(context: qcore.LoadContext, model: PreTrainedModel) -> tuple[str, str] | None:
-    """(embedding, head) module names when the model's input embedding is tied to its output layer and stored as
-    blocks a kernel runs: a GGUF file's Q4_0/Q4_1/Q8_0 ``token_embd``, or a saved GgufEmbedding."""
+def _quantized_table(context: qcore.LoadContext, model: PreTrainedModel) -> tuple[str, str | None] | None:
+    """(embedding, tied head or None) when the model's input embedding stays in its blocks: a GGUF file's quantized
+    ``token_embd`` (any block type when untied, Q4_0/Q4_1/Q8_0 when tied: the head runs on the kernel layer), or a
+    GgufEmbedding saved by qcore."""
     from torch import nn
 
     if not context.pre_quantized:
         return None
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if type(embedding) is not nn.Embedding or type(head) is not nn.Linear or head.bias is not None:
-        return None  # a scaled embedding (Gemma) or a head with a bias computes more than the table
+    if type(embedding) is not nn.Embedding:
+        return None  # a scaled embedding (Gemma) computes more than a lookup
     names = {id(module): name for name, module in model.named_modules()}
     embedding_name, head_name = names.get(id(embedding)), names.get(id(head))
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    if tied.get(f"{head_name}.weight") != f"{embedding_name}.weight" or head_name in context.modules:
-        return None
     tensors = context.checkpoint.tensors
-    saved = f"{embedding_name}.weight_type" in tensors  # a GgufEmbedding saved by qcore
+    saved = f"{embedding_name}.weight_type" in tensors
     info = tensors.get(f"{embedding_name}.weight")
-    if info is None or not (saved or info.dtype in _TIED_TYPES):
+    if info is None or not (saved or not info.is_plain):
+        return None  # a float table: dequantizing it costs nothing
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    if tied.get(f"{head_name}.weight") != f"{embedding_name}.weight":
+        return embedding_name, None
+    if type(head) is not nn.Linear or head.bias is not None or head_name in context.modules:
         return None
-    return embedding_name, head_name
+    return (embedding_name, head_name) if saved or info.dtype in _TIED_TYPES else None
 
 
 @qcore.hookimpl
@@ -150,7 +156,9 @@ def load_weight(
     if stored is None:
         return {}
     rows, type_name = _stored_blocks(layer, module_name, stored, context)
-    filled = layer.filled(rows, type_name, context.device_for(module_name))
+    # An untied table keeps its blocks as they are (lookups decode their rows; nothing multiplies by it).
+    on_kernel = not isinstance(layer, GgufEmbedding) or layer.ties_a_head
+    filled = layer.filled(rows, type_name, context.device_for(module_name), on_kernel=on_kernel)
     if isinstance(layer, GgufEmbedding) and filled["packed"] is not None:
         # The table (the largest weight) is repacked for its kernel as it arrives, while little else is held: in
         # phase 6 its codes and their repacked copy would be in memory beside every other layer (+60 MiB of peak
