@@ -6,7 +6,9 @@ turn; the figure is the median of (tokens generated - 1) / (time of the generati
 so prompt processing is not counted:
 
 * qcore: ``qcore.from_pretrained(file, dtype=torch.bfloat16)`` (weights kept in their GGUF blocks, Q4_1 on torch's
-  int4 kernel) and ``model.generate``;
+  int4 kernel), timed two ways: the model's forward one token at a time with the KV cache and no sampling (what
+  ``llama-bench`` times, and the ratio's figure), and ``model.generate`` (which adds transformers' per-token
+  stopping criteria and logits processing);
 * llama.cpp, either its own benchmark tool ``llama-bench`` (``-p 0 -n TOKENS -t 1``: token generation only, the
   figure llama.cpp's users quote), built from llama.cpp's sources with cmake, or ``llama_cpp.Llama(file)`` and
   ``create_completion`` through llama-cpp-python (which builds the same sources) in a virtual environment of its
@@ -53,10 +55,24 @@ def run(n):
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return time.perf_counter() - started, out.shape[1] - ids.shape[1]
+def steps(n):
+    # What llama-bench's token generation times: one forward per token with the KV cache, logits of that token,
+    # no sampling, stopping criteria or logits processors (generate's per-token bookkeeping).
+    from transformers import DynamicCache
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        token = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        started = time.perf_counter()
+        for _ in range(n):
+            token = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    return n / (time.perf_counter() - started)
 run(2)
 prompt_s, _ = run(1)
 total_s, made = run(tokens)
-print(json.dumps({"tok_s": (made - 1) / (total_s - prompt_s), "kernels": model.qcore_kernels}))
+steps(4)
+print(json.dumps({
+    "tok_s": steps(tokens), "generate_tok_s": (made - 1) / (total_s - prompt_s), "kernels": model.qcore_kernels,
+}))
 """
 
 LLAMA = """
@@ -128,6 +144,7 @@ def main() -> None:
             "new_tokens": args.tokens,
             "llama_cpp": "llama-bench " + llama_runs[0]["build"] if args.llama_bench else "llama-cpp-python",
             "qcore_tok_s": [round(r["tok_s"], 2) for r in qcore_runs],
+            "qcore_generate_tok_s": [round(r["generate_tok_s"], 2) for r in qcore_runs],
             "llama_cpp_tok_s": [round(r["tok_s"], 2) for r in llama_runs],
             "qcore_over_llama_cpp": round(qcore_speed / llama_speed, 3),
             "qcore_kernels": qcore_runs[0]["kernels"],

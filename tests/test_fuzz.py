@@ -170,6 +170,7 @@ RECIPES = st.fixed_dictionaries(
 @given(raw=RECIPES)
 @example(raw={"rules": [[1, 2]]})
 @example(raw={"rules": [], "modules": {"a": 0}, "configs": 5})
+@example(raw={"quant_method": "qcore_recipe", "modules": {}, "configs": [None]})
 def test_arbitrary_recipe_parses_or_raises_config_error(raw):
     try:
         recipe = qcore.Recipe.from_dict(raw)

@@ -307,6 +307,22 @@ def test_fp8_block_scales():
 # -- memory and the module -------------------------------------------------------------------------------------------
 
 
+def test_an_int4_weight_from_codes_two_a_byte_is_the_same_weight():
+    reference = int4_weight(64, 128, 32)
+    nibbles = reference._nibbles.clone()
+    weight = Int4Weight.from_two_per_byte(nibbles, reference.scale, reference.zero, 32)
+    assert weight._nibbles is nibbles  # held as given: no byte-per-code copy
+    assert torch.equal(weight.codes(), reference.codes()) and weight.nbytes == reference.nbytes
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    for w in (weight, reference):
+        w.select("cpu", torch.bfloat16)
+    assert torch.equal(weight.matmul(x), reference.matmul(x))
+    with pytest.raises(ValueError, match="must be uint8"):
+        Int4Weight.from_two_per_byte(nibbles.to(torch.int32), reference.scale)
+    with pytest.raises(ValueError, match="does not divide"):
+        Int4Weight.from_two_per_byte(nibbles, reference.scale, None, 48)
+
+
 def test_nbytes_counts_one_copy_of_the_codes():
     weight = int4_weight(256, 512, 64)
     before = weight.nbytes

@@ -77,8 +77,8 @@ KERNELS = {
 _INT4_GROUPS = (256, 128, 64, 32)
 #: torch's CPU int4 layout packs output rows in blocks of 16 (a tail block of 16/32/48 rows included).
 _CPU_INT4_ROWS = 16
-#: Codes packed for the CPU int4 kernel per call, into one preallocated tensor: bounds the int32 temporary at 8 MiB.
-_PACK_ROWS_ELEMENTS = 2**21
+#: Codes packed for the CPU int4 kernel per call, into one preallocated tensor: bounds the int32 temporary at 2 MiB.
+_PACK_ROWS_ELEMENTS = 2**19
 #: tinygemm tiles the output in 8 rows and the input in 16 x innerKTiles columns.
 _CUDA_INT4_ROWS = 8
 #: torch 2.13's CPU bfloat16 int8 kernel reads K in steps of 16 with no tail: other sizes give garbage or a crash.
@@ -543,6 +543,31 @@ class Int4Weight(PackedWeight):
             raise ValueError(f"Int4Weight codes must lie in 0..15, got {int(codes.min())}..{int(codes.max())}")
         return cls(
             _nibbles(codes),
+            scale.reshape(out_features, groups),
+            None if zero is None else zero.reshape(out_features, groups),
+            group_size,
+            out_features,
+            in_features,
+        )
+
+    @classmethod
+    def from_two_per_byte(
+        cls, nibbles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None, group_size: int | None = None
+    ) -> Int4Weight:
+        """:meth:`from_codes` for codes already held two a byte, uint8 ``[out, in // 2]`` with column ``2i`` in the
+        low nibble of byte ``i`` (the form the weight keeps until ``select``): no byte-per-code copy is made, which
+        for a large weight (a vocabulary-sized head) is most of a load's peak.
+
+        :raises ValueError: as :meth:`from_codes` (every nibble is a code 0..15).
+        """
+        if nibbles.dtype != torch.uint8:
+            raise ValueError(f"Int4Weight two-a-byte codes must be uint8, got {nibbles.dtype}")
+        out_features, half = _check_codes(nibbles, "Int4Weight")
+        in_features = 2 * half
+        group_size = in_features if group_size is None else group_size
+        groups = _check_groups(scale, zero, out_features, in_features, group_size, "Int4Weight")
+        return cls(
+            nibbles,
             scale.reshape(out_features, groups),
             None if zero is None else zero.reshape(out_features, groups),
             group_size,

@@ -77,8 +77,9 @@ class Recipe:
             )
         if modules is not None:
             saved = data.get("configs", [])
-            if not isinstance(saved, list):
-                raise ConfigError("recipe field 'configs' must be a list of quantization configs")
+            # Each entry is a config some module was quantized with; full-precision modules are simply absent.
+            if not isinstance(saved, list) or any(c is None for c in saved):
+                raise ConfigError("recipe field 'configs' must be a list of quantization configs (no nulls)")
             configs = [_config(c, f"configs[{i}]") for i, c in enumerate(saved)]
             if not isinstance(modules, Mapping) or not all(
                 isinstance(name, str) and isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(configs)

@@ -64,6 +64,19 @@ def test_int_form_is_exact_and_reencodes_to_the_same_bytes(type_name):
     assert (weight - blocks.dequantize(rows, type_name).double()).abs().max() <= 1e-6
 
 
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1"])
+def test_int_form_two_a_byte_is_the_weight_s_own_form(type_name):
+    from qcore.kernels import Int4Weight
+
+    rows = torch.from_numpy(stored_rows(type_name))
+    codes, scale, zero = blocks.int_form(rows, type_name)
+    nibbles, scale_too, zero_too = blocks.int_form(rows, type_name, two_per_byte=True)
+    assert nibbles.dtype == torch.uint8 and nibbles.shape == (codes.shape[0], codes.shape[1] // 2)
+    assert torch.equal(scale, scale_too) and (zero is None) == (zero_too is None)
+    direct = Int4Weight.from_two_per_byte(nibbles, scale, zero, group_size=32)
+    assert torch.equal(direct.codes(), Int4Weight.from_codes(codes, scale, zero, group_size=32).codes())
+
+
 def test_q4_1_with_a_zero_scale_and_nonzero_minimum_has_no_int_form():
     rows = torch.from_numpy(stored_rows("Q4_1")).clone()
     rows[0, 0:2] = 0  # d = 0, m != 0: a constant block no (q - zero) * d can express

@@ -285,6 +285,27 @@ def test_a_tied_embedding_stays_quantized_once_and_its_head_runs_on_the_kernel(
     assert torch.equal(logits_of(dense), logits_of(reference))
 
 
+def test_a_tied_table_s_file_pages_are_given_back_before_it_is_repacked(gguf_file, monkeypatch):
+    """Its blocks were copied into codes: the mapped bytes need not stay resident beside the repack (a load's peak)."""
+    from qcore.kernels import PackedWeight
+    from qcore_gguf.reader import GgufReader
+
+    events = []
+    release, select = GgufReader.release, PackedWeight.select
+    monkeypatch.setattr(
+        GgufReader, "release", lambda self, name: events.append(("release", name)) or release(self, name)
+    )
+    monkeypatch.setattr(
+        PackedWeight,
+        "select",
+        lambda self, *a, **k: events.append(("select", self.out_features)) or select(self, *a, **k),
+    )
+    model = qcore.from_pretrained(gguf_file("qwen3", "Q8_0"), dtype=torch.bfloat16)
+    table = model.get_input_embeddings()
+    name = next(n for n, m in model.named_modules() if m is table) + ".weight"
+    assert events.index(("release", name)) < events.index(("select", table.num_embeddings))
+
+
 def test_a_tied_table_in_a_type_without_kernel_stays_a_plain_embedding(gguf_file, transformers_load):
     """A Q4_K (or Q6_K) table's head would decode the whole table in each forward: it is dequantized once."""
     model = qcore.from_pretrained(gguf_file("qwen3", "Q4_K"), dtype=torch.float32)

@@ -57,6 +57,7 @@ def test_to_dict_round_trips_with_transformers_keys(config):
         ({"quant_method": "gptq", "lm_head": True}, "lm_head=true"),
         ({"quant_method": "gptq", "pack_dtype": "int16"}, "pack_dtype"),
         ({"quant_method": "gptq", "dynamic": {"-:.*down": {}}}, "dynamic"),
+        ({"quant_method": "gptq", "dynamic": 1}, "dynamic.*got 1"),
         ({"quant_method": "gptq", "bitz": 4}, "unknown field"),
         ({"quant_method": "awq", "bits": 3}, "AutoAWQ packs 4-bit only"),
         ({"quant_method": "awq", "version": "marlin"}, "re-export the model as gemm"),

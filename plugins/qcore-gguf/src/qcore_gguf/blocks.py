@@ -151,12 +151,16 @@ _DEQUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # -- the three types that are plain group-32 integers ------------------------------------------------------------
 
 
-def int_form(blocks: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+def int_form(
+    blocks: torch.Tensor, type_name: str, two_per_byte: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """``(codes, scale, zero)`` with ``W = (codes - zero) * scale`` per group of 32, exactly, for Q4_0/Q4_1/Q8_0.
 
     Q4_0: unsigned nibbles, ``zero`` None (8, the kernels' default); Q4_1 (``W = d * q + m``): ``zero = -m / d``;
     Q8_0: int8 codes, ``zero`` None (0). ``None`` for another type, or for a Q4_1 tensor with a block whose scale is
     0 but whose minimum is not (a constant block no zero point can express): it stays on the dequantize path.
+    With ``two_per_byte``, Q4 codes come two a byte (``[rows, K / 2]``, column ``2i`` in the low nibble of byte
+    ``i``), the form ``Int4Weight.from_two_per_byte`` takes, and no byte-per-code tensor is made.
     """
     if type_name not in ("Q4_0", "Q4_1", "Q8_0"):
         return None
@@ -167,12 +171,17 @@ def int_form(blocks: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.
     if type_name == "Q8_0":
         return b[:, 2:].contiguous().view(torch.int8).reshape(rows, -1), scale.reshape(rows, -1), None
     # Unpacked a slice of blocks at a time into the codes: the shift-and-mask temporaries of a whole 32000 x 1024
-    # weight would be twice its codes again.
+    # weight would be twice its codes again. A block stores element j in the low nibble of byte j and element
+    # j + 16 in its high nibble; two a byte, neighbours share a byte instead.
     start_byte = 4 if type_name == "Q4_1" else 2
-    codes = torch.empty(b.shape[0], 32, dtype=torch.uint8, device=b.device)
+    codes = torch.empty(b.shape[0], 16 if two_per_byte else 32, dtype=torch.uint8, device=b.device)
     step = max(1, _CHUNK_BYTES // size)
     for start in range(0, b.shape[0], step):
-        codes[start : start + step] = _split(b[start : start + step, start_byte:], (0, 4), 16, 0xF)
+        values = _split(b[start : start + step, start_byte:], (0, 4), 16, 0xF)
+        if two_per_byte:
+            torch.bitwise_or(values[:, ::2], values[:, 1::2] << 4, out=codes[start : start + step])
+        else:
+            codes[start : start + step] = values
     codes = codes.reshape(rows, -1)
     if type_name == "Q4_0":
         return codes, scale.reshape(rows, -1), None

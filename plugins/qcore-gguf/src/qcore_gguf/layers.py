@@ -64,12 +64,12 @@ class GgufLinear(nn.Module):
         from qcore.kernels import Int4Weight, Int8Weight
 
         packed = None
-        form = blocks.int_form(rows.to(device), type_name) if on_kernel else None
+        form = blocks.int_form(rows.to(device), type_name, two_per_byte=True) if on_kernel else None
         if form is not None:
             codes, scale, zero = form
-            kind = Int8Weight if type_name == "Q8_0" else Int4Weight
+            make = Int8Weight.from_codes if type_name == "Q8_0" else Int4Weight.from_two_per_byte
             # The GGUF scale is a half, kept as one: exact, and half the memory of float32.
-            candidate = kind.from_codes(codes, scale.to(torch.float16), zero, group_size=32)
+            candidate = make(codes, scale.to(torch.float16), zero, group_size=32)
             if self._encodes_to(candidate, type_name, rows):
                 packed = candidate
         return {
@@ -100,8 +100,8 @@ class GgufLinear(nn.Module):
     @classmethod
     def _encodes_to(cls, packed, type_name: str, rows: torch.Tensor) -> bool:
         """Whether ``packed`` re-encodes to exactly ``rows``, checked a slice of rows at a time (a 49k-row table
-        would otherwise be encoded whole beside its codes)."""
-        step = max(1, 2**22 // max(1, rows.shape[1]))
+        would otherwise be encoded whole beside its codes; a slice's temporaries are about 6 bytes a block byte)."""
+        step = max(1, 2**20 // max(1, rows.shape[1]))
         for start in range(0, rows.shape[0], step):
             encoded = cls._encode_rows(packed, type_name, torch.arange(start, min(start + step, rows.shape[0])))
             if not torch.equal(encoded.cpu(), rows[start : start + step].cpu()):

@@ -162,7 +162,8 @@ def load_weight(
     if isinstance(layer, GgufEmbedding) and filled["packed"] is not None:
         # The table (the largest weight) is repacked for its kernel as it arrives, while little else is held: in
         # phase 6 its codes and their repacked copy would be in memory beside every other layer (+60 MiB of peak
-        # on a 135M model).
+        # on a 135M model). Its blocks were copied into the codes, so the file's pages go first (-29 MiB more).
+        context.checkpoint.release(f"{module_name}.{tensor_name}")
         _select_kernel(filled["packed"], layer, context.dtype)
     return filled
 
@@ -249,15 +250,27 @@ def postprocess(config: GgufConfig, context: qcore.LoadContext, model: PreTraine
 
 @qcore.hookimpl
 def optimize_runtime(config: GgufConfig, context: qcore.LoadContext, model: PreTrainedModel) -> None:
+    from qcore.memory import release_heap
+
     from qcore_gguf.environment import summarize
     from qcore_gguf.layers import GgufLinear
 
-    # select() returns each repack's int32 temporaries to the system itself (qcore.memory.release_heap).
+    # Largest first: a repack holds a weight's codes twice for a moment, and the kernel's scales-and-zeros each
+    # repack adds (a quarter of the codes) are then not yet held beside the largest one (-40 MiB of peak on a 336M
+    # model). select() returns a large weight's temporaries to the system itself; the small ones, now all last,
+    # would leave theirs in the heap (14 MiB on SmolLM2's 60 k/v projections), so they are returned every 2**20
+    # weights.
     layers = [model.get_submodule(name) for name in context.modules]
-    for layer in layers:
+    unreleased = 0
+    for layer in sorted(layers, key=lambda m: -m.in_features * m.out_features if type(m) is GgufLinear else 0):
         # A table and its tied head were given their kernel in load_weight.
         if type(layer) is GgufLinear and layer.packed is not None and layer.tied_to is None:
             _select_kernel(layer.packed, layer, context.dtype)
+            unreleased += layer.in_features * layer.out_features
+            if unreleased >= 2**20:
+                release_heap()
+                unreleased = 0
+    release_heap()
     context.report_kernel(summarize(layer for layer in layers if isinstance(layer, GgufLinear)))
 
 

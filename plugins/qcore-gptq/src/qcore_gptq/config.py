@@ -227,6 +227,11 @@ def _groups(group_size: int, in_features: int) -> int:
     return 1 if group_size == -1 else -(-in_features // group_size)
 
 
+def _preview(value: Any) -> str:
+    """A few of a field's keys for a message, whatever type the file put there."""
+    return repr(sorted(map(str, value))[:3] if isinstance(value, (dict, list)) else value)[:80]
+
+
 def _refuse_unsupported(data: dict[str, Any]) -> None:
     """Settings that change which tensors exist, which this plugin does not decode; said before any weight is read."""
     if data.get("pack_dtype", "int32") != "int32":
@@ -242,5 +247,5 @@ def _refuse_unsupported(data: dict[str, Any]) -> None:
     if data.get("dynamic"):
         raise qcore.ConfigError(
             f"{data.get('quant_method')} config: per-module 'dynamic' overrides are not supported by qcore-gptq "
-            f"(got {sorted(data['dynamic'])[:3]}); quantize with one setting for every module"
+            f"(got {_preview(data['dynamic'])}); quantize with one setting for every module"
         )
