@@ -257,6 +257,12 @@ class CheckpointSource(abc.ABC):
     tensors: dict[str, TensorInfo]
     #: Checkpoint-level ``str -> str`` entries (the safetensors ``__metadata__`` of every shard, merged).
     metadata: dict[str, str]
+    #: Hand out copy-on-write views of the files (True) instead of tensors read into memory of their own (False,
+    #: the loader's default: ``from_pretrained(mmap_weights=...)``). A view kept by the loaded model reads the file
+    #: for as long as the model lives, so a file rewritten in place changes the model's weights and a truncated one
+    #: kills the process with SIGBUS at the next touch; a tensor of its own cannot be changed from outside. A
+    #: provider that cannot map (pickle) ignores it.
+    mapped: bool = False
 
     @abc.abstractmethod
     def read(self, name: str) -> torch.Tensor:
@@ -454,12 +460,6 @@ def _check_regular(path: Path) -> None:
 
 class CheckpointReader(CheckpointSource):
     """The safetensors files of one checkpoint directory, checked from their headers, streamed shard by shard."""
-
-    #: Hand out copy-on-write views of the files (True) instead of tensors read into memory of their own (False,
-    #: the loader's default: ``from_pretrained(mmap_weights=...)``). A view kept by the loaded model reads the file
-    #: for as long as the model lives, so a file rewritten in place changes the model's weights and a truncated one
-    #: kills the process with SIGBUS at the next touch; a tensor of its own cannot be changed from outside.
-    mapped: bool = False
 
     def __init__(self, directory: str | os.PathLike[str], *, file: str | None = None):
         """Read and check the headers of ``directory``'s safetensors shards (its index, or ``model.safetensors``),

@@ -31,7 +31,7 @@ from torch import nn
 
 from qcore import cache as quantized_cache
 from qcore import placement, plugins
-from qcore.checkpoint import CheckpointReader, CheckpointSource, open_checkpoint
+from qcore.checkpoint import CheckpointSource, open_checkpoint
 from qcore.config import QuantConfig
 from qcore.context import LoadContext
 from qcore.errors import CheckpointError, ConfigError, InsufficientMemory, PluginError, QcoreError
@@ -121,7 +121,7 @@ def from_pretrained(
     :param allow_unexpected: only warn about checkpoint tensors the model has no place for.
     :param check_memory: refuse up front, with both numbers, a load that cannot fit in the target devices' memory.
     :param mmap_weights: keep the tensors loaded as stored (unquantized ones, pre-quantized codes) as copy-on-write
-        views of the safetensors files instead of reading them into memory of their own. The views cost no
+        views of the files (safetensors, GGUF) instead of reading them into memory of their own. The views cost no
         anonymous memory (the pages are the file's, shared with other processes, dropped under pressure), but the
         model then reads the files for its whole life: rewriting one in place changes its outputs, truncating one
         kills the process (SIGBUS). Only for files nothing will change (docs/security.md has the measured costs).
@@ -153,8 +153,7 @@ def from_pretrained(
     if reader is None:
         source = _fetch_weights(src, source, revision)
         reader = open_checkpoint(source, allow_pickle=allow_pickle)
-    if isinstance(reader, CheckpointReader):
-        reader.mapped = mmap_weights
+    reader.mapped = mmap_weights
     context.source, context.checkpoint = source, reader
     if spec is not None and not pre_quantized and quantized_cache.wanted(cache):
         # Validated and located: from here a verified cached copy replaces the quantization (see qcore.cache).

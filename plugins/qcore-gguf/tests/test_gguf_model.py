@@ -311,3 +311,44 @@ def test_a_tied_table_in_a_type_without_kernel_stays_a_plain_embedding(gguf_file
     model = qcore.from_pretrained(gguf_file("qwen3", "Q4_K"), dtype=torch.float32)
     assert type(model.get_input_embeddings()) is nn.Embedding
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+_SOURCE_CHANGE = """
+import os, sys, torch, qcore
+path, change, mapped = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+model = qcore.from_pretrained(path, mmap_weights=mapped)
+ids = torch.tensor([[1, 5, 9, 17, 33]])
+with torch.no_grad():
+    before = model(ids).logits.clone()
+    if change == "rewrite":  # every byte after the header changed in place, the size kept
+        size = os.path.getsize(path)
+        with open(path, "r+b") as handle:
+            handle.seek(size // 2)
+            handle.write(bytes(size - size // 2))
+    else:
+        os.truncate(path, 64)
+    print("same" if torch.equal(before, model(ids).logits) else "changed", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q4_0", "F16"])
+def test_a_loaded_model_holds_its_own_blocks_unless_mapped(gguf_file, tmp_path, type_name):
+    """Blocks kept as stored (every type without a kernel, and plain tensors) are the model's own copy by default, so
+    a file changed or truncated after the load changes nothing; ``mmap_weights=True`` keeps views, as documented."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    def run(change: str, mapped: bool) -> subprocess.CompletedProcess:
+        path = shutil.copy(gguf_file("llama", type_name), tmp_path / f"{change}-{int(mapped)}.gguf")
+        command = [sys.executable, "-c", _SOURCE_CHANGE, str(path), change, "1" if mapped else "0"]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    for change in ("rewrite", "truncate"):
+        done = run(change, mapped=False)
+        assert done.returncode == 0 and done.stdout.split() == ["same"], (change, done.returncode, done.stderr[-800:])
+    if type_name != "Q4_0":  # Q4_0 becomes kernel codes either way; blocks kept as stored are views when mapped
+        assert run("rewrite", mapped=True).stdout.split() == ["changed"]
+        assert run("truncate", mapped=True).returncode == -signal.SIGBUS

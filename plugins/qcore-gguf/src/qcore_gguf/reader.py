@@ -7,10 +7,10 @@ transformers' GGUF functions see the file: its config mapping makes the model co
 one ``from_pretrained(..., gguf_file=...)`` builds) and its ``get_gguf_hf_weights_map`` names the tensors.
 
 Tensors keep llama.cpp's stored form. A block-typed tensor is read as uint8 rows of blocks ``[rows, bytes_per_row]``
-(a copy-on-write view of the file), with Llama-family q/k rows un-permuted; plain F32/F16/BF16 tensors are read as
-values in the model's layout, with transformers' tensor processors applied (q/k un-permuted, GPT-2's Conv1D weights
-transposed, Gemma-style norms stored as ``w + 1`` shifted back). :meth:`to_plain` turns blocks into values for the
-tensors no backend takes (embeddings, norms).
+(a copy of its own; a copy-on-write view of the file with ``mmap_weights=True``), with Llama-family q/k rows
+un-permuted; plain F32/F16/BF16 tensors are read as values in the model's layout, with transformers' tensor
+processors applied (q/k un-permuted, GPT-2's Conv1D weights transposed, Gemma-style norms stored as ``w + 1``
+shifted back). :meth:`to_plain` turns blocks into values for the tensors no backend takes (embeddings, norms).
 """
 
 from __future__ import annotations
@@ -303,6 +303,11 @@ class GgufReader(CheckpointSource):
         info, (gguf_name, _) = self.tensors[name], self.stored[name]
         shape = self._stored_shape(name)
         raw = torch.frombuffer(self._mapping, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+        if not self.mapped:
+            # The loaded model's own copy (the loader's default): a view would tie the model to the file for its
+            # life, changing with it and dying of SIGBUS if it is truncated. The pages the copy touched go at once.
+            raw = raw.clone()
+            self.release(name)
         if info.is_plain:
             return self._values(gguf_name, raw.view(blocks.FLOATS[info.dtype]).reshape(shape), unpermute=True)
         return self._unpermuted(gguf_name, raw.view(-1, blocks.row_bytes(info.dtype, shape[-1])))
