@@ -28,8 +28,8 @@ BACKENDS = {
     "eetq": {"quant_method": "eetq", "weights": "int8"},
     "hqq": {"quant_method": "hqq", "nbits": 4, "group_size": 64},
 }
-#: "balanced" resolves exactly as "auto" does; None is the reference load.
-MAPS = ["auto", "balanced_low_0", "sequential", "cpu", {"": "cpu"}]
+#: Every form a CPU-only machine can serve; None is the reference load. An int (a GPU index) is tested below.
+MAPS = ["auto", "balanced", "balanced_low_0", "sequential", "cpu", {"": "cpu"}]
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +39,17 @@ def llama4(tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
-def test_every_device_map_form_loads_with_every_backend(llama, toy, backend):
-    expected = logits(qcore.from_pretrained(llama, BACKENDS[backend]))  # device_map=None
+def test_every_device_map_form_loads_with_every_backend(llama, toy, backend, tmp_path):
+    reference = qcore.from_pretrained(llama, BACKENDS[backend])  # device_map=None
+    expected = logits(reference)
+    qcore.save_pretrained(reference, tmp_path / "saved")
     for device_map in MAPS:
-        model = qcore.from_pretrained(llama, BACKENDS[backend], device_map=device_map)
-        assert {p.device.type for p in model.parameters()} == {"cpu"}, device_map
-        assert torch.equal(logits(model), expected), device_map
+        for model in (
+            qcore.from_pretrained(llama, BACKENDS[backend], device_map=device_map),  # on the fly
+            qcore.from_pretrained(tmp_path / "saved", device_map=device_map),  # pre-quantized
+        ):
+            assert {p.device.type for p in model.parameters()} == {"cpu"}, device_map
+            assert torch.equal(logits(model), expected), device_map
 
 
 class _Recorder:
@@ -66,7 +71,7 @@ class _Recorder:
 
 @pytest.mark.parametrize(
     ("device_map", "requested"),
-    [("auto", {}), ("balanced_low_0", {}), ("sequential", {}), (None, {}), ("cpu", {"": "cpu"}),
+    [("auto", {}), ("balanced", {}), ("balanced_low_0", {}), ("sequential", {}), (None, {}), ("cpu", {"": "cpu"}),
      ({"": "cpu"}, {"": "cpu"})],
 )  # fmt: skip
 def test_validate_sees_the_requested_map_and_update_device_map_the_resolved_one(llama, toy, device_map, requested):
@@ -170,6 +175,42 @@ def test_estimate_prints_the_placement_from_config_json_alone(llama4, toy, tmp_p
     assert "DEVICE=SIZE" in _cli("estimate", config_only, "--device-map", "auto", "--max-memory", "x").output
 
 
+#: Llama 3.1 8B's config.json, as its hub repository holds it (the fields that size and place the model).
+LLAMA_3_1_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": False,
+    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "torch_dtype": "bfloat16",
+}  # fmt: skip
+
+
+def test_the_readme_estimate_output_is_what_qcore_estimate_prints(tmp_path):
+    """README's Devices section shows this command's table: each placement row is the one printed now."""
+    import re
+    from pathlib import Path
+
+    if "eetq-int8" not in qcore.plugins.presets():
+        pytest.skip("qcore-eetq is not installed")
+    directory = tmp_path / "Llama-3.1-8B"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(LLAMA_3_1_8B))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = "qcore estimate Llama-3.1-8B --preset eetq-int8 --device-map auto --max-memory 0=6GiB,cpu=64GiB"
+    block = readme.split(f"$ {command}\n", 1)[1].split("```", 1)[0]
+    result = _cli("estimate", directory, *command.split()[3:], "--json")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)["presets"]
+    for device in row["placement"]["devices"]:
+        name = "cuda:0" if device["device"] == "0" else device["device"]
+        line = next(line for line in block.splitlines() if line.startswith(f"│ {name} "))
+        shown = re.search(r"│ ([\d.]+) GiB │", line)
+        assert shown and float(shown[1]) == round(device["nbytes"] / 2**30, 2), (name, line)
+        assert device["modules"][0] in line
+    assert f"{row['nbytes'] / 2**30:.2f} GiB" in block
+
+
 def test_recommend_fits_exactly_when_the_placement_does(llama4, toy):
     result = _cli("estimate", llama4, "--preset", "toy-int8", "--json")
     (row,) = json.loads(result.stdout)["presets"]
@@ -203,6 +244,21 @@ def test_cuda_placement_without_cuda_names_module_and_device(llama, toy, monkeyp
     assert read == []
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_an_int_map_asks_for_that_gpu_and_validate_sees_it_as_such(llama, toy):
+    """``device_map=0`` is accelerate's whole model on GPU 0 (loaded on a GPU by
+    test_every_other_backend_split_across_gpu_and_cpu_matches_a_load_on_that_gpu): validate sees ``{"": 0}``, and
+    without CUDA the placement is refused with the fix before any weight is read."""
+    recorder = _Recorder()
+    qcore.register_plugin(recorder, "recorder")
+    try:
+        with pytest.raises(qcore.ConfigError, match=r"device_map 0 asks for CUDA but no CUDA device .* use 'cpu'"):
+            qcore.from_pretrained(llama, TOY, device_map=0)
+    finally:
+        qcore.unregister_plugin("recorder")
+    assert recorder.seen["validate"] == [{"": 0}]
+
+
 def test_disk_offload_is_refused_with_the_module_named(llama, toy):
     with pytest.raises(qcore.ConfigError, match="module 'lm_head' on 'disk'"):
         qcore.from_pretrained(llama, TOY, device_map={"": "cpu", "lm_head": "disk"})
@@ -230,19 +286,22 @@ _SPLIT = {
 }
 
 
+#: The tiny Llama's first block on GPU 0, the rest on the CPU.
+SPLIT_MAP = {
+    "model.embed_tokens": 0,
+    "model.layers.0": 0,
+    "model.layers.1": "cpu",
+    "model.norm": "cpu",
+    "model.rotary_emb": 0,
+    "lm_head": "cpu",
+}
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", sorted(_SPLIT))
 def test_split_across_gpu_and_cpu_matches_a_single_device_load(llama, toy, backend):
-    device_map = {
-        "model.embed_tokens": 0,
-        "model.layers.0": 0,
-        "model.layers.1": "cpu",
-        "model.norm": "cpu",
-        "model.rotary_emb": 0,
-        "lm_head": "cpu",
-    }
-    split = qcore.from_pretrained(llama, _SPLIT[backend], device_map=device_map)
+    split = qcore.from_pretrained(llama, _SPLIT[backend], device_map=SPLIT_MAP)
     single = qcore.from_pretrained(llama, _SPLIT[backend], device_map={"": 0})
     assert split.model.layers[0].self_attn.q_proj.weight.device.type == "cuda"
     expected, got = logits(single).float().cpu(), logits(split).float().cpu()
@@ -261,6 +320,20 @@ def _preset(name):
     if name not in qcore.plugins.presets():
         pytest.skip(f"{name}: its backend is not installed")
     return qcore.plugins.preset_config(name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset", EVERY_BACKEND)
+def test_every_other_backend_split_across_gpu_and_cpu_matches_a_load_on_that_gpu(llama, preset):
+    config = _preset(preset)
+    calibration = {"calibration": IDS} if preset.startswith("gptq") else {}
+    split = qcore.from_pretrained(llama, config, device_map=SPLIT_MAP, **calibration)
+    single = qcore.from_pretrained(llama, config, device_map=0, **calibration)  # an int: the whole model on GPU 0
+    assert {p.device.type for p in single.parameters()} == {"cuda"}
+    expected, got = logits(single).float().cpu(), logits(split).float().cpu()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("preset", EVERY_BACKEND)

@@ -280,3 +280,15 @@ def test_near_valid_header_is_accepted_exactly_when_safetensors_reads_it(scratch
         assert theirs is not None, "qcore accepted a file safetensors refuses: the load would fail half-way"
         assert {name: shape for name, (_, shape) in ours.items()} == theirs
 
+
+#: Containers and scalars of the wrong kind, tried in every field of every preset (deterministic, beside the fuzzing).
+WRONG_KINDS = ([], {}, {"": []}, [[]], [{}], {"a": {}}, 1.5, -1, "x", None, True)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_field_of_every_preset_set_to_a_wrong_kind_parses_or_raises_config_error(method):
+    fields = sorted(config_class(method).__dataclass_fields__)
+    for preset in presets(method):
+        for field in fields:
+            for value in WRONG_KINDS:
+                parse({**preset, field: value})

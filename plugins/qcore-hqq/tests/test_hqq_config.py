@@ -89,6 +89,7 @@ def test_dynamic_config_keys_by_linear_tag_and_leaves_other_tags_unquantized():
         ({"dynamic_config": {"self_attn.q_proj": {"group_size": 0}}}, "dynamic_config['self_attn.q_proj'].group_size"),
         ({"dynamic_config": {"self_attn.q_proj": {"bits": 4}}}, "bits"),
         ({"dynamic_config": {}}, "dynamic_config"),
+        ({"nbits": 8, "dynamic_config": {"self_attn.q_proj": {"nbits": 4}}}, "'nbits' set beside 'dynamic_config'"),
         ({"no_such_field": 1}, "no_such_field"),
     ],
 )

@@ -137,6 +137,24 @@ def test_a_config_this_device_cannot_run_is_refused_before_any_weight(llama, qua
         qcore.from_pretrained(llama, {"quant_method": "torchao", "quant_type": quant_type}, device_map="cpu")
 
 
+def test_a_resolved_map_that_sends_a_layer_to_the_cpu_is_refused_naming_it():
+    """On a GPU, "auto" may put layers the GPU cannot hold on the CPU, where a CUDA-only config cannot run: the
+    resolved map is checked in update_device_map, before any weight is read (here without a GPU: cuda entries
+    would need one to ask their compute capability)."""
+    import types
+
+    from qcore_torchao import plugin
+
+    config = qcore.QuantConfig.from_dict({"quant_method": "torchao", "quant_type": "int4_weight_only"})
+    context = types.SimpleNamespace(pre_quantized=False)
+    resolved = {"model.embed_tokens": "cpu", "model.layers.1": "cpu", "lm_head": "disk"}
+    with pytest.raises(qcore.BackendUnavailable, match=r"needs CUDA.*'model.embed_tokens' on cpu.*max_memory"):
+        plugin.update_device_map(config=config, context=context, device_map=resolved)
+    plugin.update_device_map(config=config, context=types.SimpleNamespace(pre_quantized=True), device_map=resolved)
+    cpu_config = qcore.QuantConfig.from_dict({"quant_method": "torchao", "quant_type": "int8_weight_only"})
+    plugin.update_device_map(config=cpu_config, context=context, device_map=resolved)  # runs on the CPU: no error
+
+
 @pytest.fixture(scope="module")
 def saved(llama, tmp_path_factory):
     model = qcore.from_pretrained(llama, {"quant_method": "torchao", "quant_type": "int8_weight_only"})

@@ -133,6 +133,15 @@ class HqqConfig(qcore.QuantConfig):
                 )
             for tag, settings in self.dynamic_config.items():
                 _check_settings(settings, f"dynamic_config[{tag!r}].")
+            # The entries give every quantized module its settings (config.json stores only them, as transformers
+            # does), so a flat setting beside them would be silently ignored, and lost on a save.
+            defaults = {**_SETTING_DEFAULTS, "round_zero": self.nbits == 4}  # round_zero follows nbits
+            ignored = [name for name, value in self._settings().items() if value != defaults[name]]
+            if ignored:
+                raise qcore.ConfigError(
+                    f"hqq config: {', '.join(repr(n) for n in ignored)} set beside 'dynamic_config', whose entries "
+                    f"give each linear tag its settings; move the setting into the entries"
+                )
         else:
             _check_settings(self._settings(), "")
         if not isinstance(self.strict_group_size, bool):

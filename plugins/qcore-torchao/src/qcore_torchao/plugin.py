@@ -89,22 +89,32 @@ def validate(config: TorchAoConfig, context: qcore.LoadContext) -> None:
             layers.decode(leaf)
         except (AssertionError, ValueError, TypeError, NotImplementedError) as error:
             raise qcore.ConfigError(f"torchao rejects quant_type {name} ({leaf['_type']}): {error}") from None
-        if context.pre_quantized:
-            continue  # the stored tensors say what runs; the config only describes how they were made
-        for device in _devices(context.device_map):
+    if not context.pre_quantized:  # a checkpoint's stored tensors say what runs; its config says how they were made
+        _check_devices(config, context.device_map or {"": "cuda" if torch.cuda.is_available() else "cpu"})
+
+
+@qcore.hookimpl
+def update_device_map(config: TorchAoConfig, context: qcore.LoadContext, device_map: dict[str, Any]) -> None:
+    # "auto" is resolved only now: a layer it sends to the CPU (the GPU too small) must be one torchao can run there.
+    if not context.pre_quantized:
+        _check_devices(config, device_map)
+
+
+def _check_devices(config: TorchAoConfig, device_map: dict[str, Any]) -> None:
+    """Refuse, naming a module placed there, a device the config's torchao configs cannot run on."""
+    import torch
+
+    placed: dict[torch.device, str] = {}
+    for module, target in device_map.items():
+        if target != "disk":  # the core refuses disk itself
+            placed.setdefault(torch.device(f"cuda:{target}" if isinstance(target, int) else target), module)
+    for leaf in leaf_configs(config.quant_type["default"]).values():
+        for device, module in placed.items() if leaf is not None else ():
             capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
             need = device_need(leaf, device.type, capability)
             if need is not None:
-                raise qcore.BackendUnavailable(need)
-
-
-def _devices(device_map: dict[str, Any]) -> set[torch.device]:
-    import torch
-
-    named = {value for value in device_map.values() if value != "disk"}
-    if not named:
-        return {torch.device("cuda" if torch.cuda.is_available() else "cpu")}
-    return {torch.device(f"cuda:{value}" if isinstance(value, int) else value) for value in named}
+                where = f"the device map puts {module or 'the whole model'!r} on {device}"
+                raise qcore.BackendUnavailable(f"{need} ({where}; give the GPU more max_memory or change the map)")
 
 
 @qcore.hookimpl
