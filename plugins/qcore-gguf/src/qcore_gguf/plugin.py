@@ -162,7 +162,8 @@ def load_weight(
     if isinstance(layer, GgufEmbedding) and filled["packed"] is not None:
         # The table (the largest weight) is repacked for its kernel as it arrives, while little else is held: in
         # phase 6 its codes and their repacked copy would be in memory beside every other layer (+60 MiB of peak
-        # on a 135M model). Its blocks were copied into the codes, so the file's pages go first (-29 MiB more).
+        # on a 135M model). Its blocks are in the codes now; with mmap_weights=True they are the file's pages,
+        # which go before the repack (-29 MiB more; a copy of its own already gave them back).
         context.checkpoint.release(f"{module_name}.{tensor_name}")
         _select_kernel(filled["packed"], layer, context.dtype)
     return filled
