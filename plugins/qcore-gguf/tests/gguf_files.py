@@ -73,7 +73,13 @@ def hand_made_blocks(type_name: str, rows: int, cols: int, rng: np.random.Genera
     raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
     start, stop = SCALE_BYTES[type_name]
     scales = rng.uniform(-1e-4, 1e-4, (raw.shape[0], (stop - start) // 2)).astype(np.float16)
+    scales[scales == 0] = 1e-5  # a zero d with a nonzero dmin is a constant block (see below)
     raw[:, start:stop] = scales.view(np.uint8)
+    if type_name in ("Q4_K", "Q5_K"):
+        # No 6-bit sub-block scale of 0 (a constant sub-block, which llama.cpp's quantizer makes only for constant
+        # data): such a Q4_K tensor has no integer form and would stay on the dequantize path.
+        raw[:, 4:8] |= 1
+        raw[:, 12:16] |= 1
     return raw.reshape(rows, -1)
 
 

@@ -1,5 +1,5 @@
 """The block table in torch against the gguf package's own numpy code, bit for bit, for every type qcore-gguf loads;
-the exact int4/int8 form of Q4_0/Q4_1/Q8_0; and the q/k un-permutation against llama.cpp's permutation."""
+the int4/int8 form of the types that map onto qcore.kernels; the q/k un-permutation against llama.cpp's own."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from gguf_files import HAND_MADE, hand_made_blocks, permute
 from qcore_gguf import blocks
-from qcore_gguf.config import GGML_TYPES, SUPPORTED_TYPES, WRITABLE_TYPES
+from qcore_gguf.config import GGML_TYPES, KERNEL_TYPES, SUPPORTED_TYPES, WRITABLE_TYPES
 from qcore_gguf.reader import GgufReader
 
 
@@ -52,19 +52,32 @@ def test_k_quants_read_from_a_file_match_gguf_reader(gguf_file, type_name):
     assert np.array_equal(blocks.dequantize(ours.read(name), type_name).numpy(), expected)
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("type_name", KERNEL_TYPES)
 def test_int_form_is_exact_and_reencodes_to_the_same_bytes(type_name):
     rows = torch.from_numpy(stored_rows(type_name))
     codes, scale, zero = blocks.int_form(rows, type_name)
-    assert torch.equal(blocks.from_int_form(codes, scale, zero, type_name), rows)
-    grouped = codes.double().reshape(6, -1, 32)
+    assert codes.dtype == (torch.uint8 if blocks.KERNEL_KINDS[type_name] == "int4" else torch.int8)
+    headers = blocks.side_bytes(rows, type_name)
+    assert (headers is not None) == (type_name in ("Q4_K", "Q6_K"))
+    assert torch.equal(blocks.from_int_form(codes, scale, zero, type_name, headers), rows)
+    grouped = codes.double().reshape(6, -1, blocks.GROUP[type_name])
     offset = 8 if type_name == "Q4_0" else 0 if zero is None else zero.double().unsqueeze(-1)
     weight = ((grouped - offset) * scale.double().unsqueeze(-1)).reshape(6, -1)
-    # Q4_1's W = d * q + m rewritten as (q - zero) * d moves each weight by float rounding only.
-    assert (weight - blocks.dequantize(rows, type_name).double()).abs().max() <= 1e-6
+    reference = blocks.dequantize(rows, type_name).double()
+    if zero is None:  # Q4_0, Q5_0, Q6_K, Q8_0: d * (q - offset), the same product
+        assert torch.equal(weight.float().double(), reference)
+    # Q4_1/Q5_1's W = d * q + m and Q4_K's d * sc * q - dmin * mn rewritten as (q - zero) * scale move each weight
+    # by float rounding only.
+    assert (weight - reference).abs().max() <= 1e-6 * reference.abs().max()
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1"])
+def test_q4_k_with_a_constant_sub_block_has_no_int_form():
+    rows = torch.from_numpy(stored_rows("Q4_K")).clone()
+    rows[0, 4] &= 0xC0  # sub-block 0's 6-bit scale 0, its minimum not: a constant no (q - zero) * scale expresses
+    assert blocks.int_form(rows, "Q4_K") is None
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q4_K"])
 def test_int_form_two_a_byte_is_the_weight_s_own_form(type_name):
     from qcore.kernels import Int4Weight
 

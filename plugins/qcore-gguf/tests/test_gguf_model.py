@@ -12,6 +12,7 @@ transformers' own bfloat16 load is.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import gguf
@@ -23,12 +24,13 @@ import torch
 from gguf_files import hf_model
 from huggingface_hub import constants
 from qcore_gguf import blocks
-from qcore_gguf.config import SUPPORTED_TYPES
+from qcore_gguf.config import KERNEL_TYPES, SUPPORTED_TYPES
 from qcore_gguf.layers import GgufLinear
 from qcore_gguf.reader import GgufReader
 from torch import nn
 
-KERNEL_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+#: The types a tied table runs its head on the kernel layer in (a tied table in another type is dequantized).
+TIED_KERNEL_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 #: The architectures transformers' GGUF mapping loads (it cannot map Mistral: see test_mistral_...).
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gpt2")
 
@@ -94,10 +96,16 @@ def test_mistral_which_transformers_cannot_map_loads_exactly(gguf_file, logits_o
 def test_kernels_in_bfloat16_stay_within_rounding(gguf_file, transformers_load, logits_of, type_name):
     path = gguf_file("llama", type_name)
     model = qcore.from_pretrained(path, dtype=torch.bfloat16)
-    assert "_weight_int4pack_mm_for_cpu" in model.qcore_kernels["qcore-gguf"]
-    assert model.model.layers[0].self_attn.q_proj.packed.kernel == "int4pack-cpu"
+    # Q6_K's groups of 16 fit no int kernel of torch's: its int8 codes dequantize per forward.
+    kernel = "dequantize" if type_name == "Q6_K" else "int4pack-cpu"
+    assert model.model.layers[0].self_attn.q_proj.packed.kernel == kernel
+    assert qcore.kernels.KERNELS[kernel] in model.qcore_kernels["qcore-gguf"]
+    in_bfloat16 = logits_of(transformers_load(path, torch.bfloat16))
+    if kernel == "dequantize":  # the weights transformers' bfloat16 load holds, made in each forward
+        assert torch.equal(logits_of(model), in_bfloat16)
+        return
     reference = logits_of(transformers_load(path))
-    own_rounding = relative(logits_of(transformers_load(path, torch.bfloat16)), reference)
+    own_rounding = relative(in_bfloat16, reference)
     error = relative(logits_of(model), reference)
     assert error <= 0.02 and error <= 2 * own_rounding
 
@@ -110,10 +118,14 @@ def test_linear_weights_and_the_table_stay_quantized_and_the_rest_is_dequantized
     model = qcore.from_pretrained(path, dtype=torch.float32)
     reference = transformers_load(path)
     for layer in gguf_layers(model):
-        held = layer.packed.nbytes if layer.packed is not None else layer.weight.numel()
+        headers = layer.headers.numel() if layer.headers is not None else 0
+        held = layer.packed.nbytes + headers if layer.packed is not None else layer.weight.numel()
         file_bytes = blocks.row_bytes(type_name, layer.in_features) * layer.out_features
-        # Blocks are kept as stored; a kernel-layer weight adds its kernel copy of the scales (1.3x for Q4_1).
-        assert held == file_bytes if layer.packed is None else held <= 1.35 * file_bytes
+        # Blocks are kept as stored; a kernel-layer weight holds its codes, float statistics (Q4_1's fp16 scale and
+        # float32 zero; Q4_K's float32 scale and zero beside its block headers) and, selected, the kernel's copy.
+        assert (
+            held == file_bytes if layer.packed is None else held <= {"Q4_1": 1.35, "Q4_K": 1.45}[type_name] * file_bytes
+        )
     # An untied table keeps the file's blocks, byte for byte; a lookup decodes only its rows, to transformers' values.
     from qcore_gguf.layers import GgufEmbedding
 
@@ -242,7 +254,7 @@ def test_plain_modules_are_not_gguf_layers(gguf_file):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied, as in the file
 
 
-@pytest.mark.parametrize("type_name", KERNEL_TYPES)
+@pytest.mark.parametrize("type_name", TIED_KERNEL_TYPES)
 @pytest.mark.parametrize("arch", ["qwen3", "gpt2"])
 def test_a_tied_embedding_stays_quantized_once_and_its_head_runs_on_the_kernel(
     gguf_file, transformers_load, logits_of, tmp_path, arch, type_name
@@ -352,3 +364,38 @@ def test_a_loaded_model_holds_its_own_blocks_unless_mapped(gguf_file, tmp_path, 
     if type_name != "Q4_0":  # Q4_0 becomes kernel codes either way; blocks kept as stored are views when mapped
         assert run("rewrite", mapped=True).stdout.split() == ["changed"]
         assert run("truncate", mapped=True).returncode == -signal.SIGBUS
+
+
+def test_kernel_types_chooses_the_block_types_that_run_on_the_kernels(gguf_file, logits_of, tmp_path):
+    """A loading attribute: Q5_0 on the kernels by default (int8 codes, 1.9x its blocks' bytes, many times faster
+    than dequantizing every forward), kept as blocks when left out; never saved, so a reload chooses again."""
+    path = gguf_file("llama", "Q5_0")
+    fast = qcore.from_pretrained(path, dtype=torch.float32)
+    kept = qcore.from_pretrained(path, {"quant_method": "gguf", "kernel_types": ["Q4_0"]}, dtype=torch.float32)
+    assert all(layer.packed is not None for layer in gguf_layers(fast))
+    assert all(layer.packed is None for layer in gguf_layers(kept))
+    assert torch.equal(logits_of(fast), logits_of(kept))  # Q5_0's int8 codes times d: the same float32 weights
+    qcore.save_pretrained(kept, tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]
+    assert "kernel_types" not in saved
+    reloaded = qcore.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    assert all(layer.packed is not None for layer in gguf_layers(reloaded))
+    assert torch.equal(logits_of(reloaded), logits_of(kept))
+    with pytest.raises(qcore.ConfigError, match="kernel_types"):
+        qcore.from_pretrained(path, {"quant_method": "gguf", "kernel_types": ["Q2_K"]})
+
+
+@pytest.mark.parametrize("type_name", KERNEL_TYPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_size_estimate_is_what_a_kernel_layer_weight_holds(gguf_file, type_name, dtype):
+    """``quantized_nbytes`` (the memory guard, ``qcore estimate``, device_map="auto") counts the kernel layer's
+    codes and statistics, more than the blocks for most of these types, not the file's bytes."""
+    from qcore_gguf.config import GgufConfig
+
+    model = qcore.from_pretrained(gguf_file("llama", type_name), dtype=dtype)
+    for layer in gguf_layers(model):
+        held = layer.packed.nbytes + (layer.headers.numel() if layer.headers is not None else 0)
+        estimate = GgufConfig(weight_type=type_name).quantized_nbytes(
+            layer.out_features, layer.in_features, dtype.itemsize
+        )
+        assert held == estimate - 1  # and the one-byte weight_type

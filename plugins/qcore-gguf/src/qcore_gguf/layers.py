@@ -15,9 +15,11 @@ A tied input embedding stored in Q4_0, Q4_1 or Q8_0 (llama.cpp's small models ke
 kernel-layer weight: the table is held once, quantized, and the head runs on the kernel layer. Only the embedding is
 saved (``weight`` and ``weight_type`` under its name, as above); the head, like a tied head in transformers, is not.
 
-Q4_0, Q4_1 and Q8_0 are group-32 integers, so their blocks become a ``qcore.kernels`` weight in phase 4 (the file's
-bytes are then dropped, and ``state_dict()`` re-encodes the identical bytes from the kernel's exact codes and
-statistics); every other type is dequantized from its blocks in each forward.
+Q4_0, Q4_1, Q4_K, Q5_0, Q5_1 and Q8_0 are integers in groups of 32, so their blocks become a ``qcore.kernels``
+weight in phase 4 (4-bit types an int4 weight, 5- and 8-bit ones an int8 weight; the file's bytes are then dropped,
+and ``state_dict()`` re-encodes the identical bytes from the kernel's exact codes and statistics, and Q4_K's block
+headers); the others (Q2_K, Q3_K and Q6_K, in groups of 16, and Q5_K) are dequantized from their blocks in each
+forward.
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ class GgufLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, 0, dtype=torch.uint8), requires_grad=False)
         self.register_buffer("weight_type", torch.empty((), dtype=torch.uint8))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
-        #: The block type's name, and the kernel-layer weight that replaces the blocks of Q4_0/Q4_1/Q8_0.
+        #: The block type's name, and the kernel-layer weight that replaces the blocks of the types with an integer
+        #: form (``blocks.KERNEL_KINDS``); for Q4_K and Q6_K also the bytes of each block the weight's float scales
+        #: do not keep exactly (``blocks.side_bytes``).
         self.type_name = ""
         self.packed = None
+        self.headers: torch.Tensor | None = None
         #: The embedding this output layer is tied to (it then holds and saves nothing of its own).
         self.tied_to: GgufEmbedding | None = None
 
@@ -63,54 +68,60 @@ class GgufLinear(nn.Module):
         with ``on_kernel`` false the blocks are kept as they are, whatever the type."""
         from qcore.kernels import Int4Weight, Int8Weight
 
-        packed = None
+        packed = headers = None
         form = blocks.int_form(rows.to(device), type_name, two_per_byte=True) if on_kernel else None
         if form is not None:
             codes, scale, zero = form
-            make = Int8Weight.from_codes if type_name == "Q8_0" else Int4Weight.from_two_per_byte
-            # The GGUF scale is a half, kept as one: exact, and half the memory of float32.
-            candidate = make(codes, scale.to(torch.float16), zero, group_size=32)
-            if self._encodes_to(candidate, type_name, rows):
+            int4 = blocks.KERNEL_KINDS[type_name] == "int4"
+            make = Int4Weight.from_two_per_byte if int4 else Int8Weight.from_codes
+            # A GGUF scale that is a half is kept as one: exact, and half the memory of float32 (Q4_K's and Q6_K's
+            # d * sc is not a half; their side bytes keep the exact block bytes).
+            headers = blocks.side_bytes(rows.to(device), type_name)
+            exact = scale if headers is not None else scale.to(torch.float16)
+            candidate = make(codes, exact, zero, group_size=blocks.GROUP[type_name])
+            if self._encodes_to(candidate, type_name, headers, rows):
                 packed = candidate
         return {
             "weight": None if packed is not None else nn.Parameter(rows.to(device), requires_grad=False),
             "weight_type": torch.tensor(blocks.ID[type_name], dtype=torch.uint8, device=device),
             "type_name": type_name,
             "packed": packed,
+            "headers": headers if packed is not None else None,
         }
 
     def tie_to(self, embedding: GgufEmbedding) -> None:
         """Compute with ``embedding``'s table (its ``[num_embeddings, embedding_dim]`` is this layer's weight)."""
         object.__setattr__(self, "tied_to", embedding)  # a reference, not a submodule (saved and listed once)
-        self.weight, self.weight_type, self.type_name, self.packed = (
-            embedding.weight, embedding.weight_type, embedding.type_name, embedding.packed
+        self.weight, self.weight_type, self.type_name, self.packed, self.headers = (
+            embedding.weight, embedding.weight_type, embedding.type_name, embedding.packed, embedding.headers
         )  # fmt: skip
 
     @staticmethod
-    def _encode(packed, type_name: str) -> torch.Tensor:
-        return blocks.from_int_form(packed.codes(), packed.scale, packed.zero, type_name)
-
-    @staticmethod
-    def _encode_rows(packed, type_name: str, rows: torch.Tensor) -> torch.Tensor:
+    def _encode_rows(packed, type_name: str, headers: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
         """The GGUF blocks of output rows ``rows`` (an index tensor), from the kernel weight's exact codes."""
         rows = rows.to(packed.device)
         zero = None if packed.zero is None else packed.zero[rows]
-        return blocks.from_int_form(packed.row_codes(rows), packed.scale[rows], zero, type_name)
+        header_rows = None if headers is None else headers[rows.to(headers.device)].to(packed.device)
+        return blocks.from_int_form(packed.row_codes(rows), packed.scale[rows], zero, type_name, header_rows)
 
     @classmethod
-    def _encodes_to(cls, packed, type_name: str, rows: torch.Tensor) -> bool:
+    def _encodes_to(cls, packed, type_name: str, headers: torch.Tensor | None, rows: torch.Tensor) -> bool:
         """Whether ``packed`` re-encodes to exactly ``rows``, checked a slice of rows at a time (a 49k-row table
         would otherwise be encoded whole beside its codes; a slice's temporaries are about 6 bytes a block byte)."""
         step = max(1, 2**20 // max(1, rows.shape[1]))
         for start in range(0, rows.shape[0], step):
-            encoded = cls._encode_rows(packed, type_name, torch.arange(start, min(start + step, rows.shape[0])))
+            picked = torch.arange(start, min(start + step, rows.shape[0]))
+            encoded = cls._encode_rows(packed, type_name, headers, picked)
             if not torch.equal(encoded.cpu(), rows[start : start + step].cpu()):
                 return False
         return True
 
     def blocks(self) -> torch.Tensor:
         """The GGUF blocks of the weight, ``[out_features, bytes_per_row]`` uint8, exactly as stored."""
-        return self._encode(self.packed, self.type_name) if self.packed is not None else self.weight
+        if self.packed is None:
+            return self.weight
+        zero = self.packed.zero
+        return blocks.from_int_form(self.packed.codes(), self.packed.scale, zero, self.type_name, self.headers)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """``W`` as ``[out_features, in_features]`` in ``dtype``: the GGUF values, in float32, rounded once."""
@@ -161,7 +172,7 @@ class GgufEmbedding(GgufLinear):
         table = self.packed.device if self.packed is not None else self.weight.device
         rows = input_ids.reshape(-1).to(table)
         if self.packed is not None:
-            row_blocks = self._encode_rows(self.packed, self.type_name, rows)
+            row_blocks = self._encode_rows(self.packed, self.type_name, self.headers, rows)
         else:
             row_blocks = self.weight[rows]
         values = blocks.dequantize(row_blocks, self.type_name, self.output_dtype)

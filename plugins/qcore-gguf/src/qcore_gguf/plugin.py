@@ -5,7 +5,7 @@
     preprocess_model   each owned Linear/Conv1D -> an empty GgufLinear on meta; a quantized token embedding
                        -> a GgufEmbedding, and a tied head (Q4_0/Q4_1/Q8_0) a GgufLinear (taken from the core)
     load_weight        check the stored blocks (or quantize a float weight with gguf.quants) and fill the module;
-                       Q4_0/Q4_1/Q8_0 become qcore.kernels weights, the other types keep their blocks
+                       Q4_0/Q4_1/Q4_K/Q5_0/Q5_1/Q8_0 become qcore.kernels weights, the others keep their blocks
     postprocess        tie the head to the embedding's weight
     optimize_runtime   pick each kernel-layer weight's kernel and report what runs
     dequantize_module  the module's GGUF values, for qcore.dequantize and qcore convert
@@ -55,7 +55,10 @@ def register_backend() -> qcore.Backend:
         presets=presets,
         requires=("gguf>=0.17.1",),
         readers={".gguf": open_gguf},
-        notes=lambda: "kernels: qcore.kernels int4/int8 for Q4_0, Q4_1, Q8_0; dequantize per forward for the rest",
+        notes=lambda: (
+            "kernels: qcore.kernels int4 for Q4_0, Q4_1, Q4_K, int8 for Q5_0, Q5_1, Q8_0; dequantize per "
+            "forward for the rest"
+        ),
     )
 
 
@@ -85,7 +88,7 @@ def preprocess_model(config: GgufConfig, context: qcore.LoadContext, model: PreT
 
     from qcore_gguf.layers import GgufEmbedding, GgufLinear
 
-    table = _quantized_table(context, model)
+    table = _quantized_table(config, context, model)
     if table is not None:
         embedding, head = table
         for name in (embedding, head):
@@ -107,7 +110,9 @@ def preprocess_model(config: GgufConfig, context: qcore.LoadContext, model: PreT
 _TIED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 
 
-def _quantized_table(context: qcore.LoadContext, model: PreTrainedModel) -> tuple[str, str | None] | None:
+def _quantized_table(
+    config: GgufConfig, context: qcore.LoadContext, model: PreTrainedModel
+) -> tuple[str, str | None] | None:
     """(embedding, tied head or None) when the model's input embedding stays in its blocks: a GGUF file's quantized
     ``token_embd`` (any block type when untied, Q4_0/Q4_1/Q8_0 when tied: the head runs on the kernel layer), or a
     GgufEmbedding saved by qcore."""
@@ -130,7 +135,8 @@ def _quantized_table(context: qcore.LoadContext, model: PreTrainedModel) -> tupl
         return embedding_name, None
     if type(head) is not nn.Linear or head.bias is not None or head_name in context.modules:
         return None
-    return (embedding_name, head_name) if saved or info.dtype in _TIED_TYPES else None
+    on_kernel = saved or (info.dtype in _TIED_TYPES and config.on_kernel(info.dtype))
+    return (embedding_name, head_name) if on_kernel else None
 
 
 @qcore.hookimpl
@@ -151,13 +157,14 @@ def load_weight(
         if tensor_name != "weight":
             return None
         rows = _quantize(layer, module_name, tensor, config.weight_type, context)
-        return layer.filled(rows, config.weight_type, context.device_for(module_name))
+        on_kernel = config.on_kernel(config.weight_type)
+        return layer.filled(rows, config.weight_type, context.device_for(module_name), on_kernel=on_kernel)
     stored = context.gather(module_name, tensor_name, tensor)
     if stored is None:
         return {}
     rows, type_name = _stored_blocks(layer, module_name, stored, context)
     # An untied table keeps its blocks as they are (lookups decode their rows; nothing multiplies by it).
-    on_kernel = not isinstance(layer, GgufEmbedding) or layer.ties_a_head
+    on_kernel = (not isinstance(layer, GgufEmbedding) or layer.ties_a_head) and config.on_kernel(type_name)
     filled = layer.filled(rows, type_name, context.device_for(module_name), on_kernel=on_kernel)
     if isinstance(layer, GgufEmbedding) and filled["packed"] is not None:
         # The table (the largest weight) is repacked for its kernel as it arrives, while little else is held: in
