@@ -118,11 +118,11 @@ def test_linear_weights_and_the_table_stay_quantized_and_the_rest_is_dequantized
     model = qcore.from_pretrained(path, dtype=torch.float32)
     reference = transformers_load(path)
     for layer in gguf_layers(model):
-        headers = layer.headers.numel() if layer.headers is not None else 0
-        held = layer.packed.nbytes + headers if layer.packed is not None else layer.weight.numel()
+        side = layer.side.numel() if layer.side is not None else 0
+        held = layer.packed.nbytes + side if layer.packed is not None else layer.weight.numel()
         file_bytes = blocks.row_bytes(type_name, layer.in_features) * layer.out_features
         # Blocks are kept as stored; a kernel-layer weight holds its codes, float statistics (Q4_1's fp16 scale and
-        # float32 zero; Q4_K's float32 scale and zero beside its block headers) and, selected, the kernel's copy.
+        # float32 zero; Q4_K's float32 scale and zero beside its block side) and, selected, the kernel's copy.
         assert (
             held == file_bytes if layer.packed is None else held <= {"Q4_1": 1.35, "Q4_K": 1.45}[type_name] * file_bytes
         )
@@ -394,7 +394,7 @@ def test_the_size_estimate_is_what_a_kernel_layer_weight_holds(gguf_file, type_n
 
     model = qcore.from_pretrained(gguf_file("llama", type_name), dtype=dtype)
     for layer in gguf_layers(model):
-        held = layer.packed.nbytes + (layer.headers.numel() if layer.headers is not None else 0)
+        held = layer.packed.nbytes + (layer.side.numel() if layer.side is not None else 0)
         estimate = GgufConfig(weight_type=type_name).quantized_nbytes(
             layer.out_features, layer.in_features, dtype.itemsize
         )

@@ -243,10 +243,10 @@ def from_int_form(
     scale: torch.Tensor,
     zero: torch.Tensor | None,
     type_name: str,
-    headers: torch.Tensor | None = None,
+    side: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The GGUF blocks (uint8 ``[rows, bytes_per_row]``) :func:`int_form` read ``codes, scale, zero`` from (for
-    Q4_K and Q6_K with ``headers``, :func:`side_bytes` of the same rows; their ``scale`` and ``zero`` are not used)."""
+    Q4_K and Q6_K with ``side``, :func:`side_bytes` of the same rows; their ``scale`` and ``zero`` are not used)."""
     rows = codes.shape[0]
     if type_name == "Q6_K":
         q = (codes.to(torch.int16) + 32).to(torch.uint8)
@@ -254,11 +254,11 @@ def from_int_form(
         packed_low = ((low[:, :, 0] & 15) | ((low[:, :, 1] & 15) << 4)).reshape(-1, 128)
         shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=q.device).reshape(1, 1, 4, 1)
         high = (((q.reshape(-1, 2, 4, 32) >> 4) & 3).to(torch.int32) << shifts).sum(2).to(torch.uint8).reshape(-1, 64)
-        return torch.cat([packed_low, high, headers.reshape(-1, 18)], dim=1).reshape(rows, -1)
+        return torch.cat([packed_low, high, side.reshape(-1, 18)], dim=1).reshape(rows, -1)
     if type_name == "Q4_K":
         q = codes.to(torch.uint8).reshape(-1, 4, 2, 32)
         packed = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
-        return torch.cat([headers.reshape(-1, 16), packed], dim=1).reshape(rows, -1)
+        return torch.cat([side.reshape(-1, 16), packed], dim=1).reshape(rows, -1)
     d = scale.reshape(-1, 1).to(torch.float16).view(torch.uint8)
     if type_name == "Q8_0":
         return torch.cat([d, codes.to(torch.int8).reshape(-1, 32).view(torch.uint8)], dim=1).reshape(rows, -1)

@@ -15,11 +15,11 @@ A tied input embedding stored in Q4_0, Q4_1 or Q8_0 (llama.cpp's small models ke
 kernel-layer weight: the table is held once, quantized, and the head runs on the kernel layer. Only the embedding is
 saved (``weight`` and ``weight_type`` under its name, as above); the head, like a tied head in transformers, is not.
 
-Q4_0, Q4_1, Q4_K, Q5_0, Q5_1 and Q8_0 are integers in groups of 32, so their blocks become a ``qcore.kernels``
-weight in phase 4 (4-bit types an int4 weight, 5- and 8-bit ones an int8 weight; the file's bytes are then dropped,
-and ``state_dict()`` re-encodes the identical bytes from the kernel's exact codes and statistics, and Q4_K's block
-headers); the others (Q2_K, Q3_K and Q6_K, in groups of 16, and Q5_K) are dequantized from their blocks in each
-forward.
+Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q6_K and Q8_0 are integers in groups (of 32; Q6_K's of 16), so their blocks become a
+``qcore.kernels`` weight in phase 4 (4-bit types an int4 weight, the others an int8 weight; the file's bytes are then
+dropped, and ``state_dict()`` re-encodes the identical bytes from the kernel's exact codes and statistics, and the
+block bytes Q4_K's and Q6_K's float scales do not keep, held as ``side``); Q2_K, Q3_K and Q5_K, and the types a
+load's ``kernel_types`` leaves out, are dequantized from their blocks in each forward.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class GgufLinear(nn.Module):
         #: do not keep exactly (``blocks.side_bytes``).
         self.type_name = ""
         self.packed = None
-        self.headers: torch.Tensor | None = None
+        self.side: torch.Tensor | None = None
         #: The embedding this output layer is tied to (it then holds and saves nothing of its own).
         self.tied_to: GgufEmbedding | None = None
 
@@ -68,7 +68,7 @@ class GgufLinear(nn.Module):
         with ``on_kernel`` false the blocks are kept as they are, whatever the type."""
         from qcore.kernels import Int4Weight, Int8Weight
 
-        packed = headers = None
+        packed = side = None
         form = blocks.int_form(rows.to(device), type_name, two_per_byte=True) if on_kernel else None
         if form is not None:
             codes, scale, zero = form
@@ -76,42 +76,42 @@ class GgufLinear(nn.Module):
             make = Int4Weight.from_two_per_byte if int4 else Int8Weight.from_codes
             # A GGUF scale that is a half is kept as one: exact, and half the memory of float32 (Q4_K's and Q6_K's
             # d * sc is not a half; their side bytes keep the exact block bytes).
-            headers = blocks.side_bytes(rows.to(device), type_name)
-            exact = scale if headers is not None else scale.to(torch.float16)
+            side = blocks.side_bytes(rows.to(device), type_name)
+            exact = scale if side is not None else scale.to(torch.float16)
             candidate = make(codes, exact, zero, group_size=blocks.GROUP[type_name])
-            if self._encodes_to(candidate, type_name, headers, rows):
+            if self._encodes_to(candidate, type_name, side, rows):
                 packed = candidate
         return {
             "weight": None if packed is not None else nn.Parameter(rows.to(device), requires_grad=False),
             "weight_type": torch.tensor(blocks.ID[type_name], dtype=torch.uint8, device=device),
             "type_name": type_name,
             "packed": packed,
-            "headers": headers if packed is not None else None,
+            "side": side if packed is not None else None,
         }
 
     def tie_to(self, embedding: GgufEmbedding) -> None:
         """Compute with ``embedding``'s table (its ``[num_embeddings, embedding_dim]`` is this layer's weight)."""
         object.__setattr__(self, "tied_to", embedding)  # a reference, not a submodule (saved and listed once)
-        self.weight, self.weight_type, self.type_name, self.packed, self.headers = (
-            embedding.weight, embedding.weight_type, embedding.type_name, embedding.packed, embedding.headers
+        self.weight, self.weight_type, self.type_name, self.packed, self.side = (
+            embedding.weight, embedding.weight_type, embedding.type_name, embedding.packed, embedding.side
         )  # fmt: skip
 
     @staticmethod
-    def _encode_rows(packed, type_name: str, headers: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    def _encode_rows(packed, type_name: str, side: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
         """The GGUF blocks of output rows ``rows`` (an index tensor), from the kernel weight's exact codes."""
         rows = rows.to(packed.device)
         zero = None if packed.zero is None else packed.zero[rows]
-        header_rows = None if headers is None else headers[rows.to(headers.device)].to(packed.device)
-        return blocks.from_int_form(packed.row_codes(rows), packed.scale[rows], zero, type_name, header_rows)
+        side_rows = None if side is None else side[rows.to(side.device)].to(packed.device)
+        return blocks.from_int_form(packed.row_codes(rows), packed.scale[rows], zero, type_name, side_rows)
 
     @classmethod
-    def _encodes_to(cls, packed, type_name: str, headers: torch.Tensor | None, rows: torch.Tensor) -> bool:
+    def _encodes_to(cls, packed, type_name: str, side: torch.Tensor | None, rows: torch.Tensor) -> bool:
         """Whether ``packed`` re-encodes to exactly ``rows``, checked a slice of rows at a time (a 49k-row table
         would otherwise be encoded whole beside its codes; a slice's temporaries are about 6 bytes a block byte)."""
         step = max(1, 2**20 // max(1, rows.shape[1]))
         for start in range(0, rows.shape[0], step):
             picked = torch.arange(start, min(start + step, rows.shape[0]))
-            encoded = cls._encode_rows(packed, type_name, headers, picked)
+            encoded = cls._encode_rows(packed, type_name, side, picked)
             if not torch.equal(encoded.cpu(), rows[start : start + step].cpu()):
                 return False
         return True
@@ -121,7 +121,8 @@ class GgufLinear(nn.Module):
         if self.packed is None:
             return self.weight
         zero = self.packed.zero
-        return blocks.from_int_form(self.packed.codes(), self.packed.scale, zero, self.type_name, self.headers)
+        side = None if self.side is None else self.side.to(self.packed.device)  # select() moves the weight alone
+        return blocks.from_int_form(self.packed.codes(), self.packed.scale, zero, self.type_name, side)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """``W`` as ``[out_features, in_features]`` in ``dtype``: the GGUF values, in float32, rounded once."""
@@ -172,7 +173,7 @@ class GgufEmbedding(GgufLinear):
         table = self.packed.device if self.packed is not None else self.weight.device
         rows = input_ids.reshape(-1).to(table)
         if self.packed is not None:
-            row_blocks = self._encode_rows(self.packed, self.type_name, self.headers, rows)
+            row_blocks = self._encode_rows(self.packed, self.type_name, self.side, rows)
         else:
             row_blocks = self.weight[rows]
         values = blocks.dequantize(row_blocks, self.type_name, self.output_dtype)
