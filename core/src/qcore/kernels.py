@@ -96,6 +96,8 @@ class PackedWeight(abc.ABC):
     """What the three weight kinds share: kernel choice, the one-call matmul, and the reference dequantization."""
 
     kind = "packed"
+    #: Elements selected on CPU since the heap was last returned to the system (see :meth:`select`).
+    _unreleased = 0
 
     def __init__(self, out_features: int, in_features: int):
         self.out_features = out_features
@@ -121,9 +123,10 @@ class PackedWeight(abc.ABC):
 
         ``batch_hint`` is the number of rows ``matmul`` will mostly see (1 for decoding). ``kernel`` forces one
         kernel (benchmarks compare them on one shape); it raises ``ValueError`` where that kernel cannot run.
-        Without it a kernel that refuses this shape, dtype or device falls back, never raises. On CPU, selecting for
-        a weight of :data:`_RELEASE_HEAP_AFTER` elements or more ends with :func:`qcore.memory.release_heap`, so a
-        backend that repacks weight after weight needs no heap release of its own.
+        Without it a kernel that refuses this shape, dtype or device falls back, never raises. On CPU, every
+        :data:`_RELEASE_HEAP_AFTER` elements selected (one large weight, or several small ones) end with
+        :func:`qcore.memory.release_heap`, so a backend that repacks weight after weight, in any order, needs no heap
+        release of its own.
         """
         device = torch.device(device) if device is not None else self.device
         if device.type == "cuda" and device.index is None:
@@ -147,10 +150,14 @@ class PackedWeight(abc.ABC):
             else:
                 reason = ""
         self._repack(chosen, device, dtype)
-        if device.type == "cpu" and self.out_features * self.in_features >= _RELEASE_HEAP_AFTER:
+        if device.type == "cpu":
             # A repack's temporaries (int32 codes for the CPU int4 layout: 4 bytes a weight) would otherwise stay
-            # in malloc's heap, fragmented between the packed weights: 300 MB over a 135M model's 210 Linears.
-            memory.release_heap()
+            # in malloc's heap, fragmented between the packed weights: 300 MB over a 135M model's 210 Linears. Small
+            # weights count together (14 MiB stayed behind SmolLM2's 60 k/v projections when each was too small).
+            PackedWeight._unreleased += self.out_features * self.in_features
+            if PackedWeight._unreleased >= _RELEASE_HEAP_AFTER:
+                memory.release_heap()
+                PackedWeight._unreleased = 0
         self.kernel, self.reason, self._compute_dtype = chosen, reason, dtype
         return chosen
 
@@ -534,21 +541,14 @@ class Int4Weight(PackedWeight):
         """
         out_features, in_features = _check_codes(codes, "Int4Weight")
         group_size = in_features if group_size is None else group_size
-        groups = _check_groups(scale, zero, out_features, in_features, group_size, "Int4Weight")
+        _check_groups(scale, zero, out_features, in_features, group_size, "Int4Weight")
         if codes.is_floating_point() or codes.dtype == torch.bool:
             raise ValueError(f"Int4Weight codes must be an integer tensor, got {codes.dtype}")
         if in_features % 2:
             raise ValueError(f"Int4Weight needs an even in_features to hold two codes a byte, got {in_features}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
             raise ValueError(f"Int4Weight codes must lie in 0..15, got {int(codes.min())}..{int(codes.max())}")
-        return cls(
-            _nibbles(codes),
-            scale.reshape(out_features, groups),
-            None if zero is None else zero.reshape(out_features, groups),
-            group_size,
-            out_features,
-            in_features,
-        )
+        return cls.from_two_per_byte(_nibbles(codes), scale, zero, group_size)
 
     @classmethod
     def from_two_per_byte(

@@ -158,6 +158,8 @@ _DEQUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 KERNEL_KINDS = {name: "int4" if name.startswith("Q4") else "int8" for name in KERNEL_TYPES}
 #: Elements per scale: 32, but Q6_K's sixteen sub-blocks of 16 (no int kernel of torch's takes those).
 GROUP = {name: 16 if name == "Q6_K" else 32 for name in KERNEL_TYPES}
+#: What a type's unsigned codes are stored with added (the int8 form subtracts it: codes centred on 0).
+_CODE_OFFSET = {"Q5_0": 16, "Q6_K": 32}
 #: Where each type's codes start in its block (Q4_K: after its 16-byte header of scales).
 _CODES_AT = {"Q4_0": 2, "Q4_1": 4, "Q4_K": 16, "Q5_0": 6, "Q5_1": 8}
 #: The bytes of a block that its float scales do not keep exactly, kept beside the codes: Q4_K's header (d, dmin and
@@ -211,7 +213,7 @@ def int_form(
         if four_bit and two_per_byte:
             torch.bitwise_or(values[:, ::2], values[:, 1::2] << 4, out=codes[start : start + step])
         else:
-            codes[start : start + step] = values.to(codes.dtype) - {"Q5_0": 16, "Q6_K": 32}.get(type_name, 0)
+            codes[start : start + step] = values.to(codes.dtype) - _CODE_OFFSET.get(type_name, 0)
     return codes.reshape(rows, -1), scale.reshape(rows, -1), None if zero is None else zero.reshape(rows, -1)
 
 
@@ -249,7 +251,7 @@ def from_int_form(
     Q4_K and Q6_K with ``side``, :func:`side_bytes` of the same rows; their ``scale`` and ``zero`` are not used)."""
     rows = codes.shape[0]
     if type_name == "Q6_K":
-        q = (codes.to(torch.int16) + 32).to(torch.uint8)
+        q = (codes.to(torch.int16) + _CODE_OFFSET[type_name]).to(torch.uint8)
         low = q.reshape(-1, 2, 2, 64)
         packed_low = ((low[:, :, 0] & 15) | ((low[:, :, 1] & 15) << 4)).reshape(-1, 128)
         shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=q.device).reshape(1, 1, 4, 1)
@@ -262,7 +264,7 @@ def from_int_form(
     d = scale.reshape(-1, 1).to(torch.float16).view(torch.uint8)
     if type_name == "Q8_0":
         return torch.cat([d, codes.to(torch.int8).reshape(-1, 32).view(torch.uint8)], dim=1).reshape(rows, -1)
-    q = (codes.to(torch.int16) + (16 if type_name == "Q5_0" else 0)).to(torch.uint8).reshape(-1, 2, 16)
+    q = (codes.to(torch.int16) + _CODE_OFFSET.get(type_name, 0)).to(torch.uint8).reshape(-1, 2, 16)
     parts = [d]
     if type_name in ("Q4_1", "Q5_1"):
         # 0 - zero * d, not -(zero * d): an all-zero block (a padding token's row) has m = +0, which negation

@@ -69,20 +69,21 @@ class GgufLinear(nn.Module):
         from qcore.kernels import Int4Weight, Int8Weight
 
         packed = side = None
-        form = blocks.int_form(rows.to(device), type_name, two_per_byte=True) if on_kernel else None
+        rows = rows.to(device)
+        form = blocks.int_form(rows, type_name, two_per_byte=True) if on_kernel else None
         if form is not None:
             codes, scale, zero = form
             int4 = blocks.KERNEL_KINDS[type_name] == "int4"
             make = Int4Weight.from_two_per_byte if int4 else Int8Weight.from_codes
             # A GGUF scale that is a half is kept as one: exact, and half the memory of float32 (Q4_K's and Q6_K's
             # d * sc is not a half; their side bytes keep the exact block bytes).
-            side = blocks.side_bytes(rows.to(device), type_name)
+            side = blocks.side_bytes(rows, type_name)
             exact = scale if side is not None else scale.to(torch.float16)
             candidate = make(codes, exact, zero, group_size=blocks.GROUP[type_name])
             if self._encodes_to(candidate, type_name, side, rows):
                 packed = candidate
         return {
-            "weight": None if packed is not None else nn.Parameter(rows.to(device), requires_grad=False),
+            "weight": None if packed is not None else nn.Parameter(rows, requires_grad=False),
             "weight_type": torch.tensor(blocks.ID[type_name], dtype=torch.uint8, device=device),
             "type_name": type_name,
             "packed": packed,

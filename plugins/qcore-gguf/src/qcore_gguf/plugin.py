@@ -5,7 +5,7 @@
     preprocess_model   each owned Linear/Conv1D -> an empty GgufLinear on meta; a quantized token embedding
                        -> a GgufEmbedding, and a tied head (Q4_0/Q4_1/Q8_0) a GgufLinear (taken from the core)
     load_weight        check the stored blocks (or quantize a float weight with gguf.quants) and fill the module;
-                       Q4_0/Q4_1/Q4_K/Q5_0/Q5_1/Q8_0 become qcore.kernels weights, the others keep their blocks
+                       the types of config.KERNEL_TYPES become qcore.kernels weights, the others keep their blocks
     postprocess        tie the head to the embedding's weight
     optimize_runtime   pick each kernel-layer weight's kernel and report what runs
     dequantize_module  the module's GGUF values, for qcore.dequantize and qcore convert
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import qcore
 
-from qcore_gguf.config import SUPPORTED_TYPES, WRITABLE_TYPES, GgufConfig
+from qcore_gguf.config import KERNEL_TYPES, SUPPORTED_TYPES, WRITABLE_TYPES, GgufConfig
 
 if TYPE_CHECKING:
     import torch
@@ -56,8 +56,8 @@ def register_backend() -> qcore.Backend:
         requires=("gguf>=0.17.1",),
         readers={".gguf": open_gguf},
         notes=lambda: (
-            "kernels: qcore.kernels int4 for Q4_0, Q4_1, Q4_K, int8 for Q5_0, Q5_1, Q8_0; dequantize per "
-            "forward for the rest"
+            f"kernels: qcore.kernels for {', '.join(KERNEL_TYPES)} (see kernel_types); dequantize per forward "
+            f"for the rest"
         ),
     )
 
@@ -258,27 +258,17 @@ def postprocess(config: GgufConfig, context: qcore.LoadContext, model: PreTraine
 
 @qcore.hookimpl
 def optimize_runtime(config: GgufConfig, context: qcore.LoadContext, model: PreTrainedModel) -> None:
-    from qcore.memory import release_heap
-
     from qcore_gguf.environment import summarize
     from qcore_gguf.layers import GgufLinear
 
     # Largest first: a repack holds a weight's codes twice for a moment, and the kernel's scales-and-zeros each
     # repack adds (a quarter of the codes) are then not yet held beside the largest one (-40 MiB of peak on a 336M
-    # model). select() returns a large weight's temporaries to the system itself; the small ones, now all last,
-    # would leave theirs in the heap (14 MiB on SmolLM2's 60 k/v projections), so they are returned every 2**20
-    # weights.
+    # model). select() returns the repacks' temporaries to the system itself.
     layers = [model.get_submodule(name) for name in context.modules]
-    unreleased = 0
     for layer in sorted(layers, key=lambda m: -m.in_features * m.out_features if type(m) is GgufLinear else 0):
         # A table and its tied head were given their kernel in load_weight.
         if type(layer) is GgufLinear and layer.packed is not None and layer.tied_to is None:
             _select_kernel(layer.packed, layer, context.dtype)
-            unreleased += layer.in_features * layer.out_features
-            if unreleased >= 2**20:
-                release_heap()
-                unreleased = 0
-    release_heap()
     context.report_kernel(summarize(layer for layer in layers if isinstance(layer, GgufLinear)))
 
 
